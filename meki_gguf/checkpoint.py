@@ -1,0 +1,616 @@
+"""Read a MeKi checkpoint: the official Megatron-LM layout or our Hugging Face-style layout.
+
+Both come out as one `Checkpoint`: a `MekiConfig` plus a lazy mapping from the reference
+model's `state_dict()` names (model.py; docs/FORMAT.md, "Hugging Face-style checkpoint layout")
+to tensors in the checkpoint's own dtype. Nothing is read until a tensor is asked for: Megatron
+files are memory-mapped, safetensors are opened with `safe_open`, and splitting a fused Megatron
+tensor (grouped QKV, gate|up) yields views of the mapped data.
+
+The Megatron pickle is untrusted input. It is read by a restricted unpickler that builds only
+tensors and a few plain containers, turns the known harmless foreign classes (Megatron enums,
+numpy RNG state, ...) into inert placeholders, and refuses everything else, so a crafted file
+can never import or call anything.
+
+`save_hf` and `save_megatron` write both layouts from a reference model (tests, demo).
+"""
+from __future__ import annotations
+
+import _compat_pickle
+import argparse
+import collections
+import contextlib
+import enum
+import json
+import pickle
+import random
+import re
+import sys
+import types
+import zipfile
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Callable, Iterator, Mapping
+
+import numpy as np
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from .errors import MekiError
+from .model import MekiConfig, MekiForCausalLM
+
+
+@dataclass
+class Checkpoint:
+    config: MekiConfig
+    tensors: Mapping[str, torch.Tensor]   # reference state_dict names, torch layout [out, in]
+    source_format: str                    # "megatron" or "hf"
+    path: Path                            # the file (Megatron) or folder (HF) actually read
+
+
+def load_checkpoint(path: str | Path) -> Checkpoint:
+    """Detect the layout of `path` and open it lazily; MekiError on anything we cannot read."""
+    p = Path(path)
+    if not p.exists():
+        raise MekiError(f"no such file or directory: {p}")
+    if p.is_file() and (p.suffix == ".safetensors" or p.name in ("config.json", _INDEX)):
+        p = p.parent
+    if p.is_dir() and (p / "config.json").is_file():
+        return _load_hf(p)
+    if p.is_dir() and any(p.glob("*.safetensors")):
+        raise MekiError(f"{p}: safetensors without a config.json (the Hugging Face-style layout needs both)")
+    return _load_megatron(_megatron_file(p))
+
+
+class _LazyTensors(Mapping):
+    """name -> tensor, each produced on access by a loader (a mapped view or a safetensors read)."""
+
+    def __init__(self, loaders: dict[str, Callable[[], torch.Tensor]]):
+        self._loaders = loaders
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        return self._loaders[name]()
+
+    def __contains__(self, name) -> bool:       # without loading the tensor
+        return name in self._loaders
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._loaders)
+
+    def __len__(self) -> int:
+        return len(self._loaders)
+
+    def __repr__(self) -> str:
+        return f"<{len(self)} lazy tensors>"
+
+
+def _reference_shapes(c: MekiConfig) -> dict[str, torch.Size]:
+    """The reference model's state_dict names and shapes, in its order (a meta model: no memory)."""
+    with torch.device("meta"):
+        return {k: v.shape for k, v in MekiForCausalLM(c).state_dict().items()}
+
+
+def _typed(v, kind: type, what: str):
+    """v as an int, float or bool; MekiError naming `what` otherwise (JSON and pickles hold anything)."""
+    ok = isinstance(v, bool) if kind is bool else (
+        isinstance(v, (int, float) if kind is float else int) and not isinstance(v, bool))
+    if not ok:
+        raise MekiError(f"{what}={v!r} is not a{'n' if kind is int else ''} {kind.__name__}")
+    return kind(v)
+
+
+def _checked(c: MekiConfig, origin: str) -> MekiConfig:
+    """Sizes a model can be built from: positive, heads a multiple of KV heads."""
+    for f in fields(c):
+        if type(f.default) in (int, float) and getattr(c, f.name) <= 0:
+            raise MekiError(f"{origin}: {f.name}={getattr(c, f.name)} must be positive")
+    if c.n_head % c.n_kv_head:
+        raise MekiError(f"{origin}: {c.n_head} heads are not a multiple of {c.n_kv_head} KV heads")
+    return c
+
+
+# ---------------------------------------------------------------------------------------------
+# Hugging Face-style layout: config.json + model.safetensors (or shards + index)
+
+_INDEX = "model.safetensors.index.json"
+_HF_META = {"architectures": ["MekiForCausalLM"], "model_type": "meki"}
+
+
+def save_hf(model: MekiForCausalLM, out_dir: Path, dtype=torch.float32) -> None:
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "config.json").write_text(json.dumps({**_HF_META, **model.config.to_dict()}, indent=2) + "\n")
+    sd = {k: v.detach().to(dtype).contiguous() for k, v in model.state_dict().items()}
+    save_file(sd, str(out / "model.safetensors"), metadata={"format": "pt"})
+
+
+def _load_hf(folder: Path) -> Checkpoint:
+    try:
+        meta = json.loads((folder / "config.json").read_text())
+    except (OSError, ValueError) as e:
+        raise MekiError(f"{folder}/config.json: cannot read it as JSON ({e})") from None
+    if not isinstance(meta, dict) or meta.get("model_type") != "meki":
+        got = meta.get("model_type") if isinstance(meta, dict) else type(meta).__name__
+        raise MekiError(f"{folder}/config.json: not a MeKi config (model_type={got!r}, expected 'meki')")
+    cfg = {k: v for k, v in meta.items() if k not in _HF_META}
+    names = [f.name for f in fields(MekiConfig)]
+    unknown = sorted(set(cfg) - set(names))
+    if unknown:
+        raise MekiError(f"{folder}/config.json: unknown keys {unknown}")
+    missing = [n for n in names if n not in cfg]   # defaults would silently invent a model
+    if missing:
+        raise MekiError(f"{folder}/config.json: missing keys {missing}")
+    config = _checked(MekiConfig(**{f.name: _typed(cfg[f.name], type(f.default), f"{folder}/config.json: {f.name}")
+                                    for f in fields(MekiConfig)}), f"{folder}/config.json")
+
+    handles = {}                                   # tensor name -> open safetensors file
+    for f in _hf_shards(folder):
+        try:
+            h = safe_open(str(f), framework="pt")
+        except Exception as e:
+            raise MekiError(f"{f}: not a readable safetensors file ({e})") from None
+        for k in h.keys():
+            handles[k] = h
+    expected = _reference_shapes(config)
+    extra = [k for k in handles if k not in expected]
+    if extra:
+        raise MekiError(f"{folder}: unknown tensor {extra[0]} (not in the MeKi layout for this config.json)")
+    for k, shape in expected.items():
+        if k not in handles:
+            raise MekiError(f"{folder}: missing tensor {k}")
+        got = handles[k].get_slice(k).get_shape()
+        if list(got) != list(shape):
+            raise MekiError(f"{folder}: shape mismatch for {k}: expected {list(shape)} "
+                            f"(from config.json), got {list(got)}")
+    loaders = {k: (lambda k=k: handles[k].get_tensor(k)) for k in expected}
+    return Checkpoint(config, _LazyTensors(loaders), "hf", folder)
+
+
+def _hf_shards(folder: Path) -> list[Path]:
+    if (folder / "model.safetensors").is_file():
+        return [folder / "model.safetensors"]
+    if (folder / _INDEX).is_file():
+        try:
+            weight_map = json.loads((folder / _INDEX).read_text())["weight_map"]
+            files = sorted(set(weight_map.values()))
+        except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
+            raise MekiError(f"{folder}/{_INDEX}: malformed index ({e!r})") from None
+        for f in files:
+            if not (folder / f).is_file():
+                raise MekiError(f"{folder}/{_INDEX}: names {f}, which does not exist")
+        return [folder / f for f in files]
+    raise MekiError(f"{folder}: has config.json but neither model.safetensors nor {_INDEX}")
+
+
+# ---------------------------------------------------------------------------------------------
+# Restricted unpickler for Megatron's model_optim_rng.pt
+
+class Opaque:
+    """Inert stand-in for a class or function the unpickler will not import (a Megatron enum,
+    numpy's array reconstructor, ...). Calling it only records the arguments."""
+
+    ref = "?"                                     # "module.name" it stands for
+    args: tuple = ()
+    state = None
+
+    def __init__(self, *args, **kwargs):
+        self.args = args
+
+    def __setstate__(self, state):
+        self.state = state
+
+    def __repr__(self):
+        return f"<{self.ref}{self.args!r}>"
+
+
+class _Refused(MekiError):
+    pass
+
+
+def _latin1(text: str, encoding: str = "latin1") -> bytes:
+    if encoding not in ("latin1", "latin-1"):      # any other codec name would import a module
+        raise _Refused(f"the pickle calls _codecs.encode with encoding {encoding!r}")
+    return text.encode("latin1")
+
+
+# Real objects the unpickler may return: what torch.save needs for tensors, plus plain containers.
+_ALLOWED = {
+    ("collections", "OrderedDict"): collections.OrderedDict,
+    ("argparse", "Namespace"): argparse.Namespace,
+    ("torch._utils", "_rebuild_tensor"): torch._utils._rebuild_tensor,
+    ("torch._utils", "_rebuild_tensor_v2"): torch._utils._rebuild_tensor_v2,
+    ("torch._utils", "_rebuild_parameter"): torch._utils._rebuild_parameter,
+    ("torch._utils", "_rebuild_parameter_with_state"): torch._utils._rebuild_parameter_with_state,
+    ("torch", "Size"): torch.Size,
+    ("torch", "device"): torch.device,
+    ("_codecs", "encode"): _latin1,              # protocol 2 spells bytes as encode(str, "latin1")
+    ("builtins", "set"): set,
+    ("builtins", "frozenset"): frozenset,
+}
+# Foreign classes a real checkpoint holds in `args`, `rng_state` and TE's `_extra_state`:
+# harmless data, so they become placeholders. Anything else is refused (fail closed).
+_OPAQUE_PACKAGES = {"megatron", "numpy", "transformer_engine", "apex"}
+_OPAQUE_EXACT = {"_io.BytesIO"}                   # Transformer Engine 1.x `_extra_state`
+_opaque_classes: dict[str, type] = {}
+_DTYPES = {k: v for k, v in vars(torch).items() if isinstance(v, torch.dtype)}   # no getattr: torch imports lazily
+
+
+class _Unpickler(pickle.Unpickler):
+    def find_class(self, module: str, name: str):
+        # protocol 2 (torch.save's) spells Python 3 names the Python 2 way: __builtin__.set
+        module, name = _compat_pickle.NAME_MAPPING.get((module, name), (module, name))
+        module = _compat_pickle.IMPORT_MAPPING.get(module, module)
+        if (module, name) in _ALLOWED:
+            return _ALLOWED[module, name]
+        if module == "torch" and name in _DTYPES:
+            return _DTYPES[name]                   # args.params_dtype = torch.bfloat16
+        ref = f"{module}.{name}"
+        if module.split(".")[0] in _OPAQUE_PACKAGES or ref in _OPAQUE_EXACT:
+            if ref not in _opaque_classes:
+                _opaque_classes[ref] = type(name, (Opaque,), {"ref": ref})
+            return _opaque_classes[ref]
+        raise _Refused(f"the pickle references {ref}")
+
+
+# torch.load takes a pickle *module*: it subclasses `.Unpickler` (keeping our find_class).
+_safe_pickle = types.ModuleType("meki_safe_pickle")
+_safe_pickle.Unpickler = _Unpickler
+_safe_pickle.load = lambda f, **kw: _Unpickler(f, **kw).load()
+
+
+def _torch_load(file: Path):
+    # mmap needs torch's zip format (the default since 1.6); legacy files are read whole
+    mmap = zipfile.is_zipfile(file)
+    try:
+        return torch.load(file, map_location="cpu", pickle_module=_safe_pickle,
+                          weights_only=False, mmap=mmap)
+    except _Refused as e:
+        raise MekiError(f"refusing to load {file}: {e}, which is not checkpoint data "
+                        f"(a crafted file could run code this way)") from None
+    except Exception as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        raise MekiError(f"not a checkpoint: {file} is not a readable PyTorch/Megatron file "
+                        f"({type(e).__name__}: {first[:200]})") from None
+
+
+# ---------------------------------------------------------------------------------------------
+# Megatron-LM layout (--ckpt-format torch, TP=1, PP=1)
+
+_TRACKER = "latest_checkpointed_iteration.txt"
+_MP_RANK = re.compile(r"mp_rank_\d+(_\d+)*$")
+
+
+def _megatron_file(p: Path) -> Path:
+    """Resolve a checkpoint root, iteration folder, mp_rank_00 folder or the .pt file itself."""
+    if p.is_file():
+        if _MP_RANK.match(p.parent.name) and p.parent.name != "mp_rank_00":
+            raise _unsupported_parallel(p.parent.parent, [p.parent.name])
+        return p
+    if (p / _TRACKER).is_file():
+        text = (p / _TRACKER).read_text().strip()
+        if text == "release":
+            p = p / "release"
+        elif text.isdigit():
+            p = p / f"iter_{int(text):07d}"
+        else:
+            raise MekiError(f"{p / _TRACKER}: expected an iteration number or 'release', got {text[:40]!r}")
+        if not p.is_dir():
+            raise MekiError(f"not a checkpoint: {p.parent / _TRACKER} names {text}, but {p} is missing")
+    if (p / "model_optim_rng.pt").is_file():      # an mp_rank folder
+        if _MP_RANK.match(p.name) and p.name != "mp_rank_00":
+            raise _unsupported_parallel(p.parent, [p.name])
+        return p / "model_optim_rng.pt"
+    if (p / ".metadata").exists() or any(p.glob("*.distcp")):
+        raise MekiError(f"unsupported: {p} is a distributed (torch_dist) Megatron checkpoint; "
+                        f"re-save it with --ckpt-format torch")
+    ranks = sorted(d.name for d in p.iterdir() if d.is_dir() and _MP_RANK.match(d.name))
+    if ranks:
+        if ranks != ["mp_rank_00"]:
+            raise _unsupported_parallel(p, ranks)
+        if not (p / "mp_rank_00" / "model_optim_rng.pt").is_file():
+            raise MekiError(f"not a checkpoint: {p / 'mp_rank_00'} has no model_optim_rng.pt")
+        return p / "mp_rank_00" / "model_optim_rng.pt"
+    iters = sorted(d.name for d in p.iterdir() if d.is_dir() and re.match(r"iter_\d+$", d.name))
+    if iters:
+        raise MekiError(f"not a checkpoint: {p} has no {_TRACKER}; pass one of its folders "
+                        f"({', '.join(iters[:3])}{', ...' if len(iters) > 3 else ''})")
+    raise MekiError(f"not a checkpoint: {p} holds neither config.json (Hugging Face-style) nor "
+                    f"{_TRACKER}, iter_*/mp_rank_00/ or model_optim_rng.pt (Megatron-LM)")
+
+
+def _unsupported_parallel(where: Path, ranks: list[str]) -> MekiError:
+    return MekiError(f"unsupported: {where} is a tensor/pipeline-parallel Megatron checkpoint "
+                     f"({', '.join(ranks)}); only TP=1, PP=1 (a single mp_rank_00) is supported")
+
+
+# Megatron's name for each reference tensor of layer i, per implementation. With Transformer
+# Engine the pre-attention and pre-MLP norms are fused into the next linear (`layer_norm_weight`),
+# and MeKi's dynamic projection, built from the MLP spec, gets a fused input norm too.
+#   (Megatron name, (our names...), packing)    packing: None | "qkv" | "cat" (gate rows, up rows)
+def _layer_map(te: bool) -> list[tuple[str, tuple[str, ...], str | None]]:
+    return [
+        ("self_attention.linear_qkv.layer_norm_weight" if te else "input_layernorm.weight",
+         ("input_layernorm.weight",), None),
+        ("self_attention.linear_qkv.weight",
+         ("self_attn.q_proj.weight", "self_attn.k_proj.weight", "self_attn.v_proj.weight"), "qkv"),
+        ("self_attention.linear_proj.weight", ("self_attn.o_proj.weight",), None),
+        ("self_attention.q_layernorm.weight", ("self_attn.q_norm.weight",), None),
+        ("self_attention.k_layernorm.weight", ("self_attn.k_norm.weight",), None),
+        ("mlp.linear_fc1.layer_norm_weight" if te else "pre_mlp_layernorm.weight",
+         ("post_attention_layernorm.weight",), None),
+        ("mlp.linear_fc1.weight", ("mlp.gate_proj.weight", "mlp.up_proj.weight"), "cat"),
+        ("mlp.linear_fc2.weight", ("mlp.down_proj.weight",), None),
+        ("meki_module.embeddings.weight", ("meki.memory.weight",), None),
+        ("meki_module.word_emb_projection.linear_fc1.layer_norm_weight", ("meki.dyn.norm.weight",), None),
+        ("meki_module.word_emb_projection.linear_fc1.weight",
+         ("meki.dyn.gate_proj.weight", "meki.dyn.up_proj.weight"), "cat"),
+        ("meki_module.word_emb_projection.linear_fc2.weight", ("meki.dyn.down_proj.weight",), None),
+        ("meki_module.mix_norm.weight", ("meki.mix_norm.weight",), None),
+        ("meki_module.alpha_scale", ("meki.alpha",), None),
+        ("meki_module.beta_scale", ("meki.beta",), None),
+        ("meki_module.gate_proj.weight", ("meki.gate_proj.weight",), None),
+        ("meki_module.out_proj.weight", ("meki.out_proj.weight",), None),
+        ("meki_module.post_norm.weight", ("meki.post_norm.weight",), None),
+    ]
+
+
+_GLOBAL_MAP = [
+    ("embedding.word_embeddings.weight", ("model.embed_tokens.weight",), None),
+    ("decoder.final_layernorm.weight", ("model.norm.weight",), None),
+    ("output_layer.weight", ("lm_head.weight",), None),
+]
+
+
+def _megatron_map(c: MekiConfig, have) -> list[tuple[str, tuple[str, ...], str | None]]:
+    """Full-name map for config c, keeping the entries whose names its reference model `have`s
+    (QK-norm, the dynamic projection's norm, an untied output). TE's layout iff gate_on_residual."""
+    out = _GLOBAL_MAP[:1]                         # Megatron's order: embedding, layers, final norm, output
+    for i in range(c.n_layer):
+        for mg, ours, pack in _layer_map(c.gate_on_residual):
+            out.append((f"decoder.layers.{i}.{mg}", tuple(f"model.layers.{i}.{n}" for n in ours), pack))
+    out += _GLOBAL_MAP[1:]
+    return [e for e in out if all(n in have for n in e[1])]
+
+
+def _pack(pack: str | None, parts: list[torch.Tensor], c: MekiConfig) -> torch.Tensor:
+    """Our tensors -> the Megatron tensor. Works on meta tensors (shape checks)."""
+    if pack is None:
+        return parts[0]
+    if pack == "cat":
+        return torch.cat(parts, 0)
+    q, k, v = parts           # grouped per KV group: [the group's q heads | its k head | its v head]
+    g, hd, d = c.n_kv_head, c.head_dim, c.d_model
+    return torch.cat([q.reshape(g, -1, hd, d), k.reshape(g, 1, hd, d), v.reshape(g, 1, hd, d)], 1).reshape(-1, d)
+
+
+def _unpack(pack: str | None, t: torch.Tensor, c: MekiConfig) -> tuple[torch.Tensor, ...]:
+    """The Megatron tensor -> our tensors (views where the memory layout allows); inverse of _pack."""
+    if pack is None:
+        return (t,)
+    if pack == "cat":
+        return tuple(t.chunk(2, 0))
+    g, hd, d = c.n_kv_head, c.head_dim, c.d_model
+    w = t.reshape(g, -1, hd, d)                   # [group, q heads + k + v, hd, d]
+    rep = w.shape[1] - 2
+    return w[:, :rep].reshape(-1, d), w[:, rep].reshape(-1, d), w[:, rep + 1].reshape(-1, d)
+
+
+# Args a converted checkpoint must have (name, required value): a Qwen3-shaped decoder.
+_REQUIRED_ARGS = [
+    ("normalization", "RMSNorm"), ("swiglu", True), ("add_bias_linear", False),
+    ("add_qkv_bias", False), ("position_embedding_type", "rope"), ("rotary_percent", 1.0),
+    ("rotary_interleaved", False), ("use_rope_scaling", False), ("apply_layernorm_1p", False),
+]
+_MISSING = object()
+
+
+def _load_megatron(file: Path) -> Checkpoint:
+    ck = _torch_load(file)
+    if not isinstance(ck, dict) or not isinstance(ck.get("args"), argparse.Namespace):
+        raise MekiError(f"not a checkpoint: {file} has no Megatron 'args' (a {type(ck).__name__}"
+                        f"{' with keys ' + str(sorted(map(str, ck))[:6]) if isinstance(ck, dict) else ''})")
+    args = ck["args"]
+    if "model" not in ck:
+        if "model0" in ck:
+            raise MekiError(f"unsupported: {file} is a virtual-pipeline checkpoint (model0, model1, ...)")
+        raise MekiError(f"not a checkpoint: {file} has no 'model' state dict")
+    if not isinstance(ck["model"], dict):
+        raise MekiError(f"not a checkpoint: {file}: 'model' is a {type(ck['model']).__name__}, not a state dict")
+    sd = {str(k): v for k, v in ck["model"].items() if not str(k).endswith("_extra_state")}   # TE bookkeeping
+    for k, v in sd.items():
+        if not isinstance(v, torch.Tensor):
+            raise MekiError(f"{file}: {k} is not a tensor (a {type(v).__name__})")
+
+    config = _megatron_config(args, sd, file)
+    summary = _args_summary(config)
+    meta = _reference_shapes(config)
+    entries = _megatron_map(config, meta)
+    expected = {mg: _pack(p, [torch.empty(meta[n], device="meta") for n in ours], config).shape
+                for mg, ours, p in entries}
+    for mg, shape in expected.items():
+        if mg not in sd:
+            raise MekiError(f"{file}: missing tensor {mg}")
+        if list(sd[mg].shape) != list(shape):
+            raise MekiError(f"{file}: shape mismatch for {mg}: expected {list(shape)} from the args "
+                            f"({summary}), got {list(sd[mg].shape)}")
+    extra = [k for k in sd if k not in expected]
+    if extra:
+        raise MekiError(f"{file}: unexpected tensor {extra[0]} (not in the MeKi layout implied by "
+                        f"the args: {summary})")
+
+    loaders = {}
+    for mg, ours, p in entries:
+        for j, n in enumerate(ours):
+            loaders[n] = lambda mg=mg, p=p, j=j: _unpack(p, sd[mg], config)[j]
+    loaders = {n: loaders[n] for n in meta}       # the reference order
+    return Checkpoint(config, _LazyTensors(loaders), "megatron", file)
+
+
+def _megatron_config(args: argparse.Namespace, sd: dict, file: Path) -> MekiConfig:
+    def arg(name, kind=None, default=_MISSING):
+        v = getattr(args, name, None)              # Megatron leaves unset options at None
+        if v is None:
+            if default is _MISSING:
+                raise MekiError(f"{file}: the checkpoint's args lack {name}")
+            return default
+        return _typed(v, kind, f"{file}: args.{name}") if kind else v
+
+    for name in ("tensor_model_parallel_size", "pipeline_model_parallel_size"):
+        if arg(name, int, 1) > 1:
+            raise MekiError(f"unsupported: {file} was saved with {name}={arg(name)}; "
+                            f"only TP=1, PP=1 checkpoints are supported")
+    for name, want in _REQUIRED_ARGS:
+        if arg(name, None, want) != want:
+            raise MekiError(f"unsupported: {file} has args.{name}={arg(name)!r}; MeKi GGUF needs {want!r}")
+
+    # Transformer Engine fuses the norms into the linears: that is also the gate variant
+    # (the MeKi module then sees the un-normalized residual, see MEKI.md).
+    te_keys = "decoder.layers.0.self_attention.linear_qkv.layer_norm_weight" in sd
+    impl = arg("transformer_impl", None, "transformer_engine" if te_keys else "local")
+    if impl not in ("transformer_engine", "local"):
+        raise MekiError(f"unsupported: {file} has args.transformer_impl={impl!r}")
+    te = impl == "transformer_engine"
+    if te != te_keys:
+        raise MekiError(f"{file}: args.transformer_impl={impl!r} but the tensors "
+                        f"{'lack' if te else 'have'} Transformer Engine's fused norms "
+                        f"(decoder.layers.0.self_attention.linear_qkv.layer_norm_weight)")
+
+    emb_key, mem_key = "embedding.word_embeddings.weight", "decoder.layers.0.meki_module.embeddings.weight"
+    if emb_key not in sd:
+        raise MekiError(f"{file}: missing tensor {emb_key}")
+    vocab = sd[emb_key].shape[0] if sd[emb_key].dim() else 0   # the padded vocabulary
+    d_mem = arg("meki_dim", int, None)
+    if d_mem is None:                 # args from a Megatron without the MeKi patch
+        if mem_key not in sd:
+            raise MekiError(f"{file}: missing tensor {mem_key} (no args.meki_dim either: "
+                            f"not a MeKi checkpoint)")
+        d_mem = sd[mem_key].shape[-1]
+    if d_mem == 0:
+        raise MekiError(f"{file}: args.meki_dim=0: a plain Megatron GPT checkpoint, not MeKi")
+
+    d, heads = arg("hidden_size", int), arg("num_attention_heads", int)
+    c = _checked(MekiConfig(
+        vocab_size=vocab, n_layer=arg("num_layers", int), d_model=d, d_mem=d_mem,
+        d_ff=arg("ffn_hidden_size", int), n_head=heads,
+        n_kv_head=arg("num_query_groups", int) if arg("group_query_attention", bool, False) else heads,
+        head_dim=arg("kv_channels", int, d // max(heads, 1)),
+        rope_theta=arg("rotary_base", float, 10000.0), norm_eps=arg("norm_epsilon", float),
+        qk_norm=arg("qk_layernorm", bool, False),
+        tied=not arg("untie_embeddings_and_output_weights", bool, False),
+        gate_on_residual=te,
+        max_seq_len=arg("max_position_embeddings", int, None) or arg("seq_length", int, MekiConfig.max_seq_len),
+    ), f"{file}: the args")
+
+    padded = arg("padded_vocab_size", int, vocab)
+    if padded != vocab:
+        raise MekiError(f"{file}: args.padded_vocab_size={padded} but {emb_key} has {vocab} rows")
+    layers = sorted({int(m.group(1)) for k in sd if (m := re.match(r"decoder\.layers\.(\d+)\.", k))})
+    if layers != list(range(c.n_layer)):
+        span = f" (decoder.layers.{layers[0]}-{layers[-1]})" if layers else ""
+        raise MekiError(f"{file}: args.num_layers={c.n_layer} but the checkpoint holds {len(layers)} layers{span}")
+    return c
+
+
+def _args_summary(c: MekiConfig) -> str:
+    return (f"num_layers={c.n_layer} hidden_size={c.d_model} ffn_hidden_size={c.d_ff} "
+            f"num_attention_heads={c.n_head} num_query_groups={c.n_kv_head} kv_channels={c.head_dim} "
+            f"meki_dim={c.d_mem} vocab={c.vocab_size} qk_layernorm={c.qk_norm} "
+            f"untie_embeddings_and_output_weights={not c.tied} "
+            f"transformer_impl={'transformer_engine' if c.gate_on_residual else 'local'}")
+
+
+# ---------------------------------------------------------------------------------------------
+# Writing the official layout (tests, demo)
+
+class _ModelType(enum.Enum):
+    """Stand-in for megatron.core.enums.ModelType, pickled under that name as Megatron does."""
+    encoder_or_decoder = 1
+    encoder_and_decoder = 2
+    retro_encoder = 3
+    retro_decoder = 4
+
+
+_ModelType.__module__, _ModelType.__qualname__ = "megatron.core.enums", "ModelType"
+
+
+@contextlib.contextmanager
+def _fake_megatron_modules():
+    """Make `megatron.core.enums.ModelType` importable for the pickler, for the save only."""
+    names = ["megatron", "megatron.core", "megatron.core.enums"]
+    saved = {n: sys.modules.get(n) for n in names}
+    for n in names:
+        sys.modules[n] = types.ModuleType(n)
+    sys.modules["megatron.core.enums"].ModelType = _ModelType
+    try:
+        yield
+    finally:
+        for n, m in saved.items():
+            if m is None:
+                sys.modules.pop(n, None)
+            else:
+                sys.modules[n] = m
+
+
+def _theta_arg(theta: float):
+    return int(theta) if float(theta).is_integer() else theta   # Megatron's --rotary-base is an int
+
+
+def save_megatron(model: MekiForCausalLM, root: Path, iteration: int = 1000,
+                  dtype=torch.bfloat16, **arg_overrides) -> Path:
+    """Write `root/iter_NNNNNNN/mp_rank_00/model_optim_rng.pt` + the tracker file, as the released
+    training code (torch format, TP=PP=1) writes them: args Namespace with a Megatron enum, the
+    state dict with TE `_extra_state` entries, numpy/torch RNG state. The layout is Transformer
+    Engine's iff model.config.gate_on_residual; `arg_overrides` replace args (to craft bad files)."""
+    c, root = model.config, Path(root)
+    te = c.gate_on_residual
+    ours = {k: v.detach().to(dtype) for k, v in model.state_dict().items()}
+    sd = collections.OrderedDict()
+    for mg, names, p in _megatron_map(c, ours):
+        sd[mg] = _pack(p, [ours[n] for n in names], c).clone()   # own storage per tensor
+    extra_state = ["meki_module.gate_proj", "meki_module.out_proj"]     # TE linears in both impls
+    if te:
+        extra_state += ["self_attention.linear_qkv", "self_attention.core_attention",
+                        "self_attention.linear_proj", "mlp.linear_fc1", "mlp.linear_fc2",
+                        "meki_module.word_emb_projection.linear_fc1",
+                        "meki_module.word_emb_projection.linear_fc2"]
+    for i in range(c.n_layer):
+        for m in extra_state:
+            sd[f"decoder.layers.{i}.{m}._extra_state"] = torch.empty(0, dtype=torch.uint8)  # TE 2.x, no fp8
+
+    args = argparse.Namespace(
+        num_layers=c.n_layer, hidden_size=c.d_model, ffn_hidden_size=c.d_ff,
+        num_attention_heads=c.n_head, group_query_attention=c.n_kv_head != c.n_head,
+        num_query_groups=c.n_kv_head, kv_channels=c.head_dim,
+        max_position_embeddings=c.max_seq_len, seq_length=c.max_seq_len,
+        position_embedding_type="rope", rotary_base=_theta_arg(c.rope_theta), rotary_percent=1.0,
+        rotary_interleaved=False, use_rope_scaling=False, normalization="RMSNorm",
+        norm_epsilon=c.norm_eps, apply_layernorm_1p=False, swiglu=True, add_bias_linear=False,
+        add_qkv_bias=False, qk_layernorm=c.qk_norm, untie_embeddings_and_output_weights=not c.tied,
+        transformer_impl="transformer_engine" if te else "local", use_mcore_models=True,
+        tensor_model_parallel_size=1, pipeline_model_parallel_size=1,
+        virtual_pipeline_model_parallel_size=None, sequence_parallel=False, ckpt_format="torch",
+        padded_vocab_size=c.vocab_size, make_vocab_size_divisible_by=128,
+        tokenizer_type="HuggingFaceTokenizer", bf16=dtype == torch.bfloat16,
+        fp16=dtype == torch.float16, params_dtype=dtype, main_params_dtype=torch.float32,
+        model_type=_ModelType.encoder_or_decoder, meki_dim=c.d_mem, iteration=iteration,
+        consumed_train_samples=iteration * 256, seed=42,
+    )
+    for k, v in arg_overrides.items():
+        setattr(args, k, v)
+    rng = {
+        "random_rng_state": random.Random(42).getstate(),
+        "np_rng_state": np.random.RandomState(42).get_state(),   # numpy arrays and dtypes
+        "torch_rng_state": torch.get_rng_state(),
+        "cuda_rng_state": torch.get_rng_state(),                  # stand-in: no CUDA here
+        "rng_tracker_states": {"model-parallel-rng": torch.get_rng_state()},
+    }
+    state = {"args": args, "checkpoint_version": 3.0, "iteration": iteration, "model": sd,
+             "opt_param_scheduler": {"max_lr": 4e-4, "num_steps": iteration * 256},
+             "rerun_state_machine": None, "rng_state": [rng]}
+
+    file = root / f"iter_{iteration:07d}" / "mp_rank_00" / "model_optim_rng.pt"
+    file.parent.mkdir(parents=True, exist_ok=True)
+    with _fake_megatron_modules():
+        torch.save(state, file)
+    (root / _TRACKER).write_text(str(iteration))
+    return root
