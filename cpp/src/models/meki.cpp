@@ -1,0 +1,216 @@
+#include "models.h"
+#include "llama-impl.h"
+
+// MeKi (arXiv 2602.03359): a Qwen3-shaped decoder whose layers each mix one row of a
+// token-indexed memory table into the residual stream, in a thin branch beside the FFN:
+//
+//   v = mem_l[token] + sigmoid(W_gate . h)        h = ffn_norm(A), or A (gate_on_residual)
+//   y = rms_norm(W_out . v) * post_norm
+//   A' = A + FFN(ffn_norm(A)) + y
+//
+// The tables of all layers are one token-major matrix {n_mem * n_layer, n_vocab}, the layout
+// of Gemma's per-layer embeddings: one token's memory is one contiguous read. It is read
+// lazily from the mapped file and its rows are prefetched by token id. See docs/FORMAT.md.
+
+void llama_model_meki::load_arch_hparams(llama_model_loader & ml) {
+    ml.get_key(LLM_KV_ATTENTION_LAYERNORM_RMS_EPS, hparams.f_norm_rms_eps);
+    ml.get_key(LLM_KV_EMBEDDING_LENGTH_PER_LAYER,  hparams.n_embd_per_layer);
+    ml.get_key(LLM_KV_MEMORY_GATE_ON_RESIDUAL,     gate_on_residual);
+
+    switch (hparams.n_layer()) {
+        case 28: type = hparams.n_embd == 1024 ? LLM_TYPE_0_6B : LLM_TYPE_1_7B; break;
+        case 36: type = LLM_TYPE_4B; break;
+        default: type = LLM_TYPE_UNKNOWN;
+    }
+}
+
+void llama_model_meki::load_arch_tensors(llama_model_loader & ml) {
+    LLAMA_LOAD_LOCALS;
+
+    const int64_t n_mem = hparams.n_embd_per_layer;
+
+    tok_embd = create_tensor(tn(LLM_TENSOR_TOKEN_EMBD, "weight"), {n_embd, n_vocab}, 0);
+
+    output_norm = create_tensor(tn(LLM_TENSOR_OUTPUT_NORM, "weight"), {n_embd}, 0);
+    output      = create_tensor(tn(LLM_TENSOR_OUTPUT,      "weight"), {n_embd, n_vocab}, TENSOR_NOT_REQUIRED);
+    if (output == NULL) {
+        output = create_tensor(tn(LLM_TENSOR_TOKEN_EMBD, "weight"), {n_embd, n_vocab}, TENSOR_DUPLICATED);
+    }
+
+    // the table is what MeKi moves from RAM to storage: unless the user asked for it
+    // resident (lazy mode off), read it lazily whatever its size
+    if (ml.lazy.mode == LLAMA_LAZY_MODE_AUTO) {
+        ml.lazy.mode = LLAMA_LAZY_MODE_ON;
+    }
+    per_layer_tok_embd = create_tensor(tn(LLM_TENSOR_MEKI_MEM, "weight"), {n_mem * n_layer, n_vocab}, TENSOR_READ_LAZY);
+
+    for (int i = 0; i < n_layer; ++i) {
+        auto & layer = layers[i];
+
+        layer.attn_norm = create_tensor(tn(LLM_TENSOR_ATTN_NORM, "weight", i), {n_embd}, 0);
+
+        create_tensor_qkv(layer, i, n_embd, n_embd_head_k * n_head, n_embd_gqa, n_embd_gqa, 0);
+        layer.wo = create_tensor(tn(LLM_TENSOR_ATTN_OUT, "weight", i), {n_embd_head_k * n_head, n_embd}, 0);
+
+        // QK-norm is optional (the released MeKi script trains without it); both or neither
+        layer.attn_q_norm = create_tensor(tn(LLM_TENSOR_ATTN_Q_NORM, "weight", i), {n_embd_head_k}, TENSOR_NOT_REQUIRED);
+        layer.attn_k_norm = create_tensor(tn(LLM_TENSOR_ATTN_K_NORM, "weight", i), {n_embd_head_k}, layer.attn_q_norm ? 0 : TENSOR_NOT_REQUIRED);
+
+        layer.ffn_norm = create_tensor(tn(LLM_TENSOR_FFN_NORM, "weight", i), {n_embd}, 0);
+        layer.ffn_gate = create_tensor(tn(LLM_TENSOR_FFN_GATE, "weight", i), {n_embd,   n_ff}, 0);
+        layer.ffn_down = create_tensor(tn(LLM_TENSOR_FFN_DOWN, "weight", i), {  n_ff, n_embd}, 0);
+        layer.ffn_up   = create_tensor(tn(LLM_TENSOR_FFN_UP,   "weight", i), {n_embd,   n_ff}, 0);
+
+        // the memory branch has the shapes of Gemma's per-layer input branch: reuse its fields
+        layer.per_layer_inp_gate  = create_tensor(tn(LLM_TENSOR_MEKI_GATE,      "weight", i), {n_embd, n_mem}, 0);
+        layer.per_layer_proj      = create_tensor(tn(LLM_TENSOR_MEKI_OUT,       "weight", i), {n_mem, n_embd}, 0);
+        layer.per_layer_post_norm = create_tensor(tn(LLM_TENSOR_MEKI_POST_NORM, "weight", i), {n_embd}, 0);
+    }
+}
+
+std::unique_ptr<llm_graph_context> llama_model_meki::build_arch_graph(const llm_graph_params & params) const {
+    return std::make_unique<graph>(*this, params);
+}
+
+// prefetches the ubatch's table rows (madvise WILLNEED) before the graph gathers them
+class llm_graph_input_meki_prefetch : public llm_graph_input_i {
+public:
+    llm_graph_input_meki_prefetch(const ggml_tensor * mem) : mem(mem) {}
+
+    void set_input(const llama_ubatch * ubatch) override {
+        llama_prefetch_rows(mem, ubatch->token, ubatch->n_tokens);
+    }
+
+    bool can_reuse(const llm_graph_params & params) override {
+        return params.ubatch.token != nullptr;
+    }
+
+    const ggml_tensor * mem;
+};
+
+// one gather per ubatch: every layer's memory row of every token, {n_mem * n_layer, n_tokens}
+ggml_tensor * llama_model_meki::graph::build_inp_mem(const llama_model_meki & model) {
+    if (!ubatch.token) {
+        throw std::runtime_error("MeKi needs token ids: its memory table is indexed by token, not by embedding");
+    }
+    if (model.can_prefetch.count(model.per_layer_tok_embd)) {
+        res->add_input(std::make_unique<llm_graph_input_meki_prefetch>(model.per_layer_tok_embd));
+    }
+    ggml_tensor * mem = ggml_get_rows(ctx0, model.per_layer_tok_embd, res->t_inp_tokens);
+    cb(mem, "meki_mem", -1);
+    return mem;
+}
+
+// y = rms_norm(W_out . (mem + sigmoid(W_gate . h))) * post_norm
+ggml_tensor * llama_model_meki::graph::build_mem_branch(const llama_layer & layer, ggml_tensor * h, ggml_tensor * mem, int il) {
+    ggml_tensor * gate = build_lora_mm(layer.per_layer_inp_gate, h);
+    gate = ggml_sigmoid(ctx0, gate);
+    cb(gate, "meki_gate", il);
+
+    ggml_tensor * cur = ggml_add(ctx0, mem, gate);
+    cur = build_lora_mm(layer.per_layer_proj, cur);
+    cur = build_norm(cur, layer.per_layer_post_norm, NULL, LLM_NORM_RMS, il);
+    cb(cur, "meki_out", il);
+    return cur;
+}
+
+llama_model_meki::graph::graph(const llama_model_meki & model, const llm_graph_params & params) : llm_graph_context(params) {
+    const int64_t n_embd_head = hparams.n_embd_head_v();
+    const int64_t n_mem       = hparams.n_embd_per_layer;
+
+    GGML_ASSERT(n_embd_head == hparams.n_embd_head_k());
+    GGML_ASSERT(n_embd_head == n_rot);
+
+    ggml_tensor * cur;
+    ggml_tensor * inpL = build_inp_embd(model.tok_embd);
+    ggml_tensor * mem  = build_inp_mem(model);
+
+    ggml_tensor * inp_pos     = build_inp_pos();
+    auto        * inp_attn    = build_attn_inp_kv();
+    ggml_tensor * inp_out_ids = build_inp_out_ids();
+
+    for (int il = 0; il < n_layer; ++il) {
+        const auto & layer = model.layers[il];
+
+        res->t_layer_inp[il] = inpL;
+
+        ggml_tensor * inpSA = inpL;
+
+        cur = build_norm(inpL, layer.attn_norm, NULL, LLM_NORM_RMS, il);
+        cb(cur, "attn_norm", il);
+
+        // self-attention
+        {
+            auto [Qcur, Kcur, Vcur] = build_qkv(layer, cur, n_embd_head, n_head, n_head_kv, il);
+
+            if (layer.attn_q_norm) {
+                Qcur = build_norm(Qcur, layer.attn_q_norm, NULL, LLM_NORM_RMS, il);
+                Kcur = build_norm(Kcur, layer.attn_k_norm, NULL, LLM_NORM_RMS, il);
+                cb(Qcur, "Qcur_normed", il);
+                cb(Kcur, "Kcur_normed", il);
+            }
+
+            Qcur = ggml_rope_ext(ctx0, Qcur, inp_pos, nullptr,
+                    n_rot, rope_type, n_ctx_orig, freq_base, freq_scale,
+                    ext_factor, attn_factor, beta_fast, beta_slow);
+            Kcur = ggml_rope_ext(ctx0, Kcur, inp_pos, nullptr,
+                    n_rot, rope_type, n_ctx_orig, freq_base, freq_scale,
+                    ext_factor, attn_factor, beta_fast, beta_slow);
+
+            cb(Qcur, "Qcur", il);
+            cb(Kcur, "Kcur", il);
+            cb(Vcur, "Vcur", il);
+
+            cur = build_attn(inp_attn,
+                    layer.wo, layer.wo_b, layer.wo_s,
+                    Qcur, Kcur, Vcur, nullptr, nullptr, nullptr, 1.0f/sqrtf(float(n_embd_head)), il);
+        }
+
+        // this layer's slice of the gathered memory rows
+        ggml_tensor * mem_l = ggml_view_2d(ctx0, mem, n_mem, n_tokens, mem->nb[1], il*n_mem*ggml_element_size(mem));
+
+        if (il == n_layer - 1 && inp_out_ids) {
+            cur   = ggml_get_rows(ctx0,   cur, inp_out_ids);
+            inpSA = ggml_get_rows(ctx0, inpSA, inp_out_ids);
+            mem_l = ggml_get_rows(ctx0, mem_l, inp_out_ids);
+        }
+
+        ggml_tensor * ffn_inp = ggml_add(ctx0, cur, inpSA);
+        cb(ffn_inp, "ffn_inp", il);
+
+        ggml_tensor * ffn_normed = build_norm(ffn_inp, layer.ffn_norm, NULL, LLM_NORM_RMS, il);
+        cb(ffn_normed, "ffn_norm", il);
+
+        cur = build_ffn(ffn_normed,
+                layer.ffn_up,   NULL, layer.ffn_up_s,
+                layer.ffn_gate, NULL, layer.ffn_gate_s,
+                layer.ffn_down, NULL, layer.ffn_down_s,
+                NULL,
+                LLM_FFN_SILU, LLM_FFN_PAR, il);
+        cb(cur, "ffn_out", il);
+
+        // the memory branch, parallel to the FFN
+        ggml_tensor * y = build_mem_branch(layer, model.gate_on_residual ? ffn_inp : ffn_normed, mem_l, il);
+
+        cur = ggml_add(ctx0, cur, y);
+        cur = ggml_add(ctx0, cur, ffn_inp);
+
+        cur = build_cvec(cur, il);
+        cb(cur, "l_out", il);
+
+        inpL = cur;
+    }
+    cur = inpL;
+
+    cur = build_norm(cur, model.output_norm, NULL, LLM_NORM_RMS, -1);
+
+    cb(cur, "result_norm", -1);
+    res->t_embd = cur;
+
+    cur = build_lora_mm(model.output, cur, model.output_s);
+
+    cb(cur, "result_output", -1);
+    res->t_logits = cur;
+
+    ggml_build_forward_expand(gf, cur);
+}

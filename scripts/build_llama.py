@@ -1,0 +1,238 @@
+#!/usr/bin/env python3
+"""Fetch, patch, build and install the pinned llama.cpp.
+
+The pin is the `llama-cpp-python==X` requirement in pyproject.toml (the only place it is
+written): that release's sdist carries the llama.cpp tree we patch. Steps, each skipped when
+its inputs did not change, so a re-run with nothing changed takes seconds:
+
+  1. download the sdist into build/dl/ and unpack it (pristine, never edited);
+  2. build a *stock* libllama once into build/stock/ (tests check that it refuses MeKi files);
+  3. lay the tree out in build/src/: pristine + cpp/ (new files) + patches/llama.cpp/*.patch.
+     Only files whose content changes are rewritten, so the build stays incremental;
+  4. build libllama and the tools in build/cmake/ (ccache is used when installed);
+  5. install llama-cpp-python's Python package (patches/llama-cpp-python/*.patch applied) with
+     LLAMA_BUILD=OFF and copy our shared libraries into it, so the binding and the tools share
+     one build; install gguf-py and llama.cpp's conversion package from the same tree.
+"""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import os
+import re
+import shutil
+import site
+import subprocess
+import sys
+import tarfile
+import tempfile
+import tomllib
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+BUILD = ROOT / "build"
+SRC = BUILD / "src"            # patched llama.cpp tree
+CMAKE_DIR = BUILD / "cmake"    # build of the patched tree
+STOCK = BUILD / "stock"        # stock libllama + ggml, for the "stock llama.cpp refuses" test
+PY_PKG = BUILD / "py"          # patched llama-cpp-python package source (without vendor/)
+
+TOOLS = ["llama-cli", "llama-server", "llama-bench", "llama-quantize", "llama-perplexity", "test-backend-ops"]
+CMAKE_FLAGS = [
+    "-G", "Ninja", "-DCMAKE_BUILD_TYPE=Release", "-DBUILD_SHARED_LIBS=ON",
+    "-DCMAKE_BUILD_RPATH_USE_ORIGIN=ON",          # libs and tools find each other wherever copied
+    "-DLLAMA_BUILD_UI=OFF", "-DLLAMA_USE_PREBUILT_UI=OFF",   # offline: no web-UI download
+    "-DLLAMA_CURL=OFF", "-DLLAMA_OPENSSL=OFF", "-DLLAMA_BUILD_TESTS=ON", "-DLLAMA_BUILD_EXAMPLES=OFF",
+]
+
+
+def log(msg: str) -> None:
+    print(f"[build] {msg}", flush=True)
+
+
+def run(cmd: list[str], **kw) -> None:
+    log(" ".join(str(c) for c in cmd))
+    env = dict(os.environ, CCACHE_BASEDIR=str(ROOT), **kw.pop("env", {}))
+    subprocess.run(cmd, check=True, env=env, **kw)
+
+
+def pinned_version() -> str:
+    deps = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["dependencies"]
+    for d in deps:
+        m = re.fullmatch(r"llama-cpp-python==([\w.]+)", d.replace(" ", ""))
+        if m:
+            return m.group(1)
+    sys.exit("pyproject.toml must pin llama-cpp-python==X")
+
+
+def fetch_sdist(version: str) -> Path:
+    """build/dl/llama_cpp_python-X/ (pristine)."""
+    dl = BUILD / "dl"
+    tree = dl / f"llama_cpp_python-{version}"
+    if (tree / "vendor" / "llama.cpp" / "CMakeLists.txt").exists():
+        return tree
+    tgz = dl / f"llama_cpp_python-{version}.tar.gz"
+    if not tgz.exists():
+        # --no-build-isolation: reading the sdist's metadata must not build cmake from source
+        run([sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", "llama-cpp-python",
+             "--no-build-isolation", f"llama-cpp-python=={version}", "-d", str(dl)])
+    log(f"unpacking {tgz.name}")
+    with tarfile.open(tgz) as tf:
+        tf.extractall(dl, filter="tar")
+    return tree
+
+
+def tree_hash(*paths: Path) -> str:
+    h = hashlib.sha256()
+    for base in paths:
+        files = sorted(p for p in base.rglob("*") if p.is_file()) if base.is_dir() else [base]
+        for p in files:
+            h.update(str(p.relative_to(ROOT)).encode())
+            h.update(p.read_bytes())
+    return h.hexdigest()
+
+
+def patched_files(pristine: Path, patches: list[Path], overlay: Path | None) -> dict[str, bytes]:
+    """{relative path: content} of every file that the overlay adds or the patches change."""
+    touched = set()
+    for p in patches:
+        touched |= {m.group(1) for m in re.finditer(r"^\+\+\+ b/(\S+)", p.read_text(), re.M)}
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        for rel in touched:
+            if (pristine / rel).exists():
+                (tmp / rel).parent.mkdir(parents=True, exist_ok=True)
+                shutil.copy2(pristine / rel, tmp / rel)
+        if overlay is not None and overlay.exists():
+            for f in overlay.rglob("*"):
+                if f.is_file():
+                    rel = str(f.relative_to(overlay))
+                    touched.add(rel)
+                    (tmp / rel).parent.mkdir(parents=True, exist_ok=True)
+                    shutil.copy2(f, tmp / rel)
+        for p in patches:
+            try:
+                subprocess.run(["git", "apply", "--whitespace=nowarn", str(p)], cwd=tmp, check=True,
+                               capture_output=True, text=True)
+            except subprocess.CalledProcessError as e:
+                sys.exit(f"error: {p.relative_to(ROOT)} does not apply to the pinned source: {e.stderr.strip()}")
+        return {rel: (tmp / rel).read_bytes() for rel in sorted(touched) if (tmp / rel).exists()}
+
+
+def sync_tree(pristine: Path, dest: Path, files: dict[str, bytes]) -> bool:
+    """Make dest = pristine + files, rewriting only what differs. Returns True if anything changed."""
+    manifest = dest / ".meki-patched"
+    if not dest.exists():
+        log(f"copying pristine tree to {dest.relative_to(ROOT)}")
+        shutil.copytree(pristine, dest, symlinks=True)
+    before = set(manifest.read_text().split()) if manifest.exists() else set()
+    changed = False
+    for rel in before - set(files):             # no longer patched: back to pristine
+        if (pristine / rel).exists():
+            shutil.copy2(pristine / rel, dest / rel)
+        else:
+            (dest / rel).unlink(missing_ok=True)
+        changed = True
+    for rel, data in files.items():
+        target = dest / rel
+        if not target.exists() or target.read_bytes() != data:
+            target.parent.mkdir(parents=True, exist_ok=True)
+            target.write_bytes(data)
+            changed = True
+    manifest.write_text("\n".join(sorted(files)) + "\n")
+    return changed
+
+
+def cmake_build(src: Path, build_dir: Path, targets: list[str], jobs: int) -> None:
+    run(["cmake", "-S", str(src), "-B", str(build_dir), *CMAKE_FLAGS], stdout=subprocess.DEVNULL)
+    run(["cmake", "--build", str(build_dir), "-j", str(jobs), "--target", *targets])
+
+
+def build_stock(pristine_llama: Path, jobs: int) -> None:
+    """A stock libllama from the untouched tree (same build dir, before patching: its ggml
+    objects are then reused by the patched build)."""
+    if (STOCK / "libllama.so").exists():
+        return
+    log("building the stock libllama (once)")
+    sync_tree(pristine_llama, SRC, {})
+    cmake_build(SRC, CMAKE_DIR, ["llama"], jobs)
+    STOCK.mkdir(parents=True, exist_ok=True)
+    for lib in (CMAKE_DIR / "bin").glob("lib*.so*"):
+        shutil.copy2(lib, STOCK / lib.name, follow_symlinks=False)
+
+
+def stamp_ok(name: str, digest: str) -> bool:
+    f = BUILD / f".stamp-{name}"
+    return f.exists() and f.read_text() == digest
+
+
+def stamp(name: str, digest: str) -> None:
+    (BUILD / f".stamp-{name}").write_text(digest)
+
+
+def pip(*args: str, **kw) -> None:
+    run([sys.executable, "-m", "pip", "install", "-q", *args], **kw)
+
+
+def install_python(sdist: Path) -> None:
+    libs = sorted((CMAKE_DIR / "bin").glob("lib*.so*"))
+    patches = sorted((ROOT / "patches" / "llama-cpp-python").glob("*.patch"))
+    digest = tree_hash(*patches, *libs) if patches or libs else ""
+    digest = hashlib.sha256((digest + tree_hash(SRC / "gguf-py", SRC / "conversion")).encode()).hexdigest()
+    if stamp_ok("python", digest + sys.prefix):
+        log("python packages up to date")
+        return
+    # the binding's Python code, patched; its own llama.cpp build is switched off: ours is copied in
+    pristine_py = BUILD / "py-pristine"
+    if not pristine_py.exists():
+        shutil.copytree(sdist, pristine_py, ignore=shutil.ignore_patterns("vendor"), symlinks=True)
+        (pristine_py / "vendor").mkdir()
+    if PY_PKG.exists():
+        shutil.rmtree(PY_PKG)
+    shutil.copytree(pristine_py, PY_PKG, symlinks=True)
+    sync_tree(pristine_py, PY_PKG, patched_files(pristine_py, patches, None))
+    pip("scikit-build-core>=0.9", "cmake", "ninja")
+    pip("--no-build-isolation", "--force-reinstall", str(PY_PKG),
+        env={"CMAKE_ARGS": "-DLLAMA_BUILD=OFF -DLLAVA_BUILD=OFF"})
+    pkg = Path(subprocess.check_output([sys.executable, "-c",
+               "import importlib.util as u; print(u.find_spec('llama_cpp').submodule_search_locations[0])"],
+               text=True).strip())
+    (pkg / "lib").mkdir(exist_ok=True)
+    for lib in libs:
+        dst = pkg / "lib" / lib.name
+        dst.unlink(missing_ok=True)
+        shutil.copy2(lib, dst, follow_symlinks=False)
+    log(f"installed llama-cpp-python with the patched libraries into {pkg}")
+    # gguf-py and llama.cpp's conversion code (tokenizer conversion) from the same pinned tree
+    pip("--no-deps", "--force-reinstall", str(SRC / "gguf-py"))
+    pip("--no-deps", "--force-reinstall", str(SRC))
+    stamp("python", digest + sys.prefix)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("-j", "--jobs", type=int, default=os.cpu_count() or 2)
+    ap.add_argument("--check-patches", action="store_true",
+                    help="only check that cpp/ and patches/ apply to the pinned source")
+    args = ap.parse_args()
+
+    version = pinned_version()
+    sdist = fetch_sdist(version)
+    pristine = sdist / "vendor" / "llama.cpp"
+    patches = sorted((ROOT / "patches" / "llama.cpp").glob("*.patch"))
+    files = patched_files(pristine, patches, ROOT / "cpp")
+    py_patches = sorted((ROOT / "patches" / "llama-cpp-python").glob("*.patch"))
+    patched_files(sdist, py_patches, None)
+    log(f"llama-cpp-python {version}: {len(patches) + len(py_patches)} patches and "
+        f"{sum(1 for _ in (ROOT / 'cpp').rglob('*.*'))} new files apply to the pinned source")
+    if args.check_patches:
+        return
+
+    build_stock(pristine, args.jobs)
+    sync_tree(pristine, SRC, files)
+    cmake_build(SRC, CMAKE_DIR, ["llama", *TOOLS], args.jobs)
+    install_python(sdist)
+    log(f"done: tools in {(CMAKE_DIR / 'bin').relative_to(ROOT)}")
+
+
+if __name__ == "__main__":
+    main()
