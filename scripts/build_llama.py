@@ -17,6 +17,7 @@ its inputs did not change, so a re-run with nothing changed takes seconds:
 from __future__ import annotations
 
 import argparse
+import fcntl
 import hashlib
 import os
 import re
@@ -123,7 +124,8 @@ def sync_tree(pristine: Path, dest: Path, files: dict[str, bytes]) -> bool:
     manifest = dest / ".meki-patched"
     if not dest.exists():
         log(f"copying pristine tree to {dest.relative_to(ROOT)}")
-        shutil.copytree(pristine, dest, symlinks=True)
+        # no .git: the sdist's submodule pointer makes cmake's build-info call git in vain
+        shutil.copytree(pristine, dest, symlinks=True, ignore=shutil.ignore_patterns(".git"))
     before = set(manifest.read_text().split()) if manifest.exists() else set()
     changed = False
     for rel in before - set(files):             # no longer patched: back to pristine
@@ -214,6 +216,10 @@ def main() -> None:
     ap.add_argument("--check-patches", action="store_true",
                     help="only check that cpp/ and patches/ apply to the pinned source")
     args = ap.parse_args()
+
+    BUILD.mkdir(exist_ok=True)
+    lock = open(BUILD / ".lock", "w")
+    fcntl.flock(lock, fcntl.LOCK_EX)     # one build at a time: concurrent ninja runs corrupt its log
 
     version = pinned_version()
     sdist = fetch_sdist(version)
