@@ -1,0 +1,180 @@
+"""The `meki-gguf` command line. Commands are thin: the work is in the stage modules.
+
+Every user-facing problem (MekiError, a usage error, an OS error, Ctrl-C) ends as one line
+`error: ...` on stderr and a non-zero exit code, never a traceback.
+"""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import click
+
+from .errors import MekiError
+
+
+def _fail(msg: str, code: int = 1):
+    click.echo(f"error: {' '.join(str(msg).split())}", err=True)
+    sys.exit(code)
+
+
+class _Cli(click.Group):
+    def main(self, args=None, prog_name=None, **kwargs):
+        kwargs["standalone_mode"] = False                    # we print the errors ourselves
+        try:
+            rc = super().main(args, prog_name, **kwargs)
+        except click.exceptions.NoArgsIsHelpError as e:     # bare `meki-gguf`: the help
+            click.echo(e.format_message(), err=True)
+            sys.exit(2)
+        except click.UsageError as e:
+            _fail(f"{e.format_message()} (see {e.ctx.command_path if e.ctx else 'meki-gguf'} --help)", 2)
+        except click.ClickException as e:
+            _fail(e.format_message(), e.exit_code)
+        except (click.Abort, KeyboardInterrupt):
+            _fail("interrupted", 130)
+        except MekiError as e:
+            _fail(str(e))
+        except OSError as e:                                 # disk full, permission denied, ...
+            _fail(f"{e.strerror or e}{': ' + str(e.filename) if e.filename else ''}")
+        sys.exit(rc if isinstance(rc, int) else 0)
+
+
+@click.group(cls=_Cli, no_args_is_help=True, context_settings={"help_option_names": ["-h", "--help"]})
+def main():
+    """MeKi language models in GGUF: convert a checkpoint, inspect a file.
+
+    MeKi adds a token-indexed memory table to every layer of a small decoder. `convert` folds
+    it into one token-major table (`meki_mem.weight`) next to a Qwen3-style backbone, in the
+    format of docs/FORMAT.md, which the patched llama.cpp runs. See `meki-gguf COMMAND --help`.
+    """
+
+
+@main.command()
+@click.argument("src", type=click.Path(exists=True, path_type=Path))
+@click.option("-o", "--output", "out", required=True, type=click.Path(dir_okay=False, path_type=Path),
+              help="The GGUF file to write (written atomically: it appears complete or not at all).")
+@click.option("--outtype", default="f16", show_default=True, metavar="TYPE",
+              help="Type of the 2-D backbone tensors: f32, f16, bf16 or q8_0 (norms are always f32).")
+@click.option("--table-type", default="f16", show_default=True, metavar="TYPE",
+              help="Type of the memory table: f32, f16, bf16, q8_0, q4_0, q4_1, q5_0 or q5_1 "
+                   "(other llama.cpp types: `meki-gguf quantize`).")
+@click.option("--tokenizer", type=click.Path(exists=True, path_type=Path), metavar="PATH",
+              help="A GGUF to copy the tokenizer from, or a Hugging Face tokenizer folder (Qwen3's). "
+                   "Default: the checkpoint folder's own tokenizer.json, if any.")
+def convert(src: Path, out: Path, outtype: str, table_type: str, tokenizer: Path | None):
+    """Convert the MeKi checkpoint SRC to a MeKi GGUF.
+
+    SRC is a Megatron-LM checkpoint (the root with latest_checkpointed_iteration.txt, an
+    iter_NNNNNNN folder or the model_optim_rng.pt file; torch format, TP=1, PP=1) or a Hugging
+    Face-style folder (config.json + safetensors). The memory branch is folded in float32 into
+    the table (T_l = alpha * RMSNorm(M_l + beta * G_l(E)), every layer, every token), then
+    rounded to --table-type once.
+    """
+    from .checkpoint import load_checkpoint
+    from .write import OUT_TYPES, TABLE_TYPES, parse_type, write_gguf
+
+    parse_type(outtype, OUT_TYPES, "--outtype")                 # fail before a long load
+    parse_type(table_type, TABLE_TYPES, "--table-type")
+    ckpt = load_checkpoint(src)
+    write_gguf(ckpt, out, outtype=outtype, table_type=table_type, tokenizer=tokenizer)
+    click.echo(f"wrote {out} ({_size(out.stat().st_size)})")
+
+
+@main.command()
+@click.argument("src", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.argument("out", type=click.Path(dir_okay=False, path_type=Path))
+@click.option("--table-type", required=True, metavar="TYPE",
+              help="Type of the memory table: f32, f16, bf16, q8_0, q6_k, q5_k, q5_1, q5_0, q4_k, q4_1, "
+                   "q4_0, iq4_xs, iq4_nl, mxfp4, nvfp4, q3_k, iq3_s, q2_k, q2_0, tq2_0, tq1_0 or q1_0; "
+                   "its block must divide the memory width m.")
+@click.option("--type", "backbone_type", metavar="TYPE",
+              help="llama-quantize type of the backbone (Q8_0, Q4_K_M, ...). Default: keep it as it is.")
+@click.option("--allow-requantize", is_flag=True,
+              help="Allow re-quantizing tensors that are already quantized (lower quality than "
+                   "quantizing from f32/f16).")
+@click.option("-t", "--threads", type=int, help="Threads for llama-quantize (default: all cores).")
+def quantize(src: Path, out: Path, table_type: str, backbone_type: str | None, allow_requantize: bool,
+             threads: int | None):
+    """Write the MeKi GGUF SRC to OUT with the table in --table-type and the backbone in --type.
+
+    The table's type is independent of the backbone's. The work is the patched llama-quantize's,
+    which leaves the table alone unless named (--tensor-type meki_mem=TYPE). Quantize from an
+    f32/f16 table (`convert --table-type f32`). OUT appears complete or not at all.
+    """
+    from .quantize import quantize as run
+
+    run(src, out, table_type, backbone_type, allow_requantize=allow_requantize, threads=threads)
+    click.echo(f"wrote {out} ({_size(out.stat().st_size)})")
+
+
+@main.command()
+@click.argument("file", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+def inspect(file: Path):
+    """Show what the MeKi GGUF FILE holds: dimensions, gate variant, tensor types, and the
+    memory budget (weights held in RAM vs the table read row by row from disk)."""
+    import gguf
+
+    try:
+        r = gguf.GGUFReader(file)
+    except Exception:                                       # bad magic, truncated, ...
+        raise MekiError(f"{file}: not a GGUF file") from None
+    kv = {k: f.contents() for k, f in r.fields.items() if not k.startswith("tokenizer.ggml.")
+          or k in ("tokenizer.ggml.model", "tokenizer.ggml.pre")}
+    arch = kv.get("general.architecture")
+    if arch != "meki":
+        raise MekiError(f"{file}: a {arch!r} GGUF, not a MeKi one (general.architecture is not 'meki')")
+
+    def key(name):
+        if f"meki.{name}" not in kv:
+            raise MekiError(f"{file}: MeKi GGUF without meki.{name}")
+        return kv[f"meki.{name}"]
+
+    L, d, m = key("block_count"), key("embedding_length"), key("embedding_length_per_layer_input")
+    tensors = {t.name: t for t in r.tensors}
+    table = tensors.get("meki_mem.weight")
+    if table is None:
+        raise MekiError(f"{file}: MeKi GGUF without the table meki_mem.weight")
+    n_tok = len(r.fields["tokenizer.ggml.tokens"].data) if "tokenizer.ggml.tokens" in r.fields else 0
+    V = int(table.shape[1])
+    types: dict[str, int] = {}
+    for t in tensors.values():
+        if t is not table:
+            types[t.tensor_type.name.lower()] = types.get(t.tensor_type.name.lower(), 0) + 1
+    ram = sum(int(t.n_bytes) for t in tensors.values() if t is not table)
+    block, type_size = gguf.GGML_QUANT_SIZES[table.tensor_type]
+    ftype = kv.get("general.file_type")
+    gate = ("h = A, the un-normalized residual (Megatron-LM + Transformer Engine)"
+            if key("memory.gate_on_residual") else "h = RMSNorm_ffn(A) (the paper)")
+    qk = "blk.0.attn_q_norm.weight" in tensors
+    rows = [
+        ("file", f"{file} ({_size(file.stat().st_size)}), GGUF v{kv.get('GGUF.version')}, "
+                 f"name {kv.get('general.name', '?')!r}"),
+        ("model", f"{L} layers, d {d}, m {m}, FFN {key('feed_forward_length')}, heads "
+                  f"{key('attention.head_count')}/{key('attention.head_count_kv')} x {key('attention.key_length')}, "
+                  f"vocab {V}, context {key('context_length')}"),
+        ("rope", f"theta {key('rope.freq_base'):g} (NEOX), RMSNorm eps {key('attention.layer_norm_rms_epsilon'):.3g}, "
+                 f"QK-norm {'yes' if qk else 'no'}, output {'untied' if 'output.weight' in tensors else 'tied'}"),
+        ("gate", gate),
+        ("tokenizer", f"{kv.get('tokenizer.ggml.model', 'none')} (pre {kv.get('tokenizer.ggml.pre', '-')}), "
+                      f"{n_tok} tokens"),
+        ("types", f"backbone {', '.join(f'{c} {n}' for n, c in sorted(types.items()))}"
+                  f"{f' (file type {ftype})' if ftype is not None else ''}; table {table.tensor_type.name.lower()}"),
+        ("in RAM", f"{_size(ram)} in {len(tensors) - 1} tensors"),
+        ("table", f"meki_mem.weight {{{L}*{m}, {V}}} {table.tensor_type.name.lower()}: "
+                  f"{_size(int(table.n_bytes))}, read by row"),
+        ("per token", f"{L * m} table values = {L * m // block * type_size} bytes read"),
+    ]
+    for k, v in rows:
+        click.echo(f"{k:<10} {v}")
+
+
+def _size(n: int) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return ""
+
+
+if __name__ == "__main__":
+    main()
