@@ -95,8 +95,9 @@ def _from_hf(path: Path, n_vocab: int) -> dict[str, GGUFValue]:
         _create_vocab_sentencepiece = TextModel._create_vocab_sentencepiece
 
         def get_vocab_base_pre(self, tokenizer) -> str:
-            log = logging.getLogger("hf-to-gguf")  # its banner would be noise when the fallback succeeds
-            level, _ = log.level, log.setLevel(logging.ERROR)
+            log = logging.getLogger("hf-to-gguf")
+            level = log.level
+            log.setLevel(logging.ERROR)                    # its banner is noise if the fallback succeeds
             try:
                 return TextModel.get_vocab_base_pre(self, tokenizer)
             except NotImplementedError:
@@ -108,11 +109,15 @@ def _from_hf(path: Path, n_vocab: int) -> dict[str, GGUFValue]:
             finally:
                 log.setLevel(level)
 
+    # as llama.cpp's Qwen2Model.set_vocab: SentencePiece if there is a tokenizer.model, else BPE.
+    # BPE gets vocab_size = V: llama.cpp pads it (and any id holes) and asserts on ids >= V. The
+    # SentencePiece code would silently drop tokens >= V, so it converts at its own size and
+    # _fit pads or refuses.
+    sp = (path / "tokenizer.model").is_file()
     v = Vocab()
-    v.dir_model, v.hparams, v.gguf_writer = path, {"vocab_size": n_vocab}, gguf.GGUFWriter(None, "meki")
+    v.dir_model, v.hparams, v.gguf_writer = path, {} if sp else {"vocab_size": n_vocab}, gguf.GGUFWriter(None, "meki")
     try:
-        # as llama.cpp's Qwen2Model.set_vocab: SentencePiece if there is a tokenizer.model, else BPE
-        if (path / "tokenizer.model").is_file():
+        if sp:
             v._set_vocab_sentencepiece()
         else:
             v._set_vocab_gpt2()
