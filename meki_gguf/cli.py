@@ -168,6 +168,125 @@ def inspect(file: Path):
         click.echo(f"{k:<10} {v}")
 
 
+_table_resident = click.option(
+    "--table-resident", is_flag=True,
+    help="Load the memory table into RAM; by default it stays in the mapped file and only the rows "
+         "of the tokens seen are read.")
+_ctx = click.option("-c", "--ctx-size", "n_ctx", default=0, show_default=True,
+                    help="Context length in tokens; 0 is the model's training context.")
+_seed = click.option("--seed", type=int, help="Sampling seed (default: random).")
+
+
+@main.command()
+@click.argument("model", type=click.Path(dir_okay=False, path_type=Path))
+@click.option("-p", "--prompt", required=True, help="The text to continue.")
+@click.option("-n", "--n-predict", "n", default=128, show_default=True, help="Tokens to generate at most.")
+@click.option("--temp", default=0.8, show_default=True, help="Sampling temperature; 0 is greedy.")
+@_seed
+@_ctx
+@_table_resident
+def generate(model: Path, prompt: str, n: int, temp: float, seed: int | None, n_ctx: int, table_resident: bool):
+    """Continue PROMPT with the MeKi GGUF MODEL, streaming the text as it comes."""
+    from .runtime import load
+
+    llm = load(model, table_resident=table_resident, n_ctx=n_ctx)
+    for chunk in llm(prompt, max_tokens=n, temperature=temp, seed=seed, stream=True):
+        click.echo(chunk["choices"][0]["text"], nl=False)
+    click.echo()
+
+
+@main.command()
+@click.argument("model", required=False, type=click.Path(dir_okay=False, path_type=Path))
+@click.option("-s", "--system", help="A system message to start the conversation with.")
+@click.option("-n", "--n-predict", "n", default=512, show_default=True, help="Tokens per reply at most.")
+@click.option("--temp", default=0.7, show_default=True, help="Sampling temperature; 0 is greedy.")
+@_seed
+@_ctx
+@_table_resident
+def chat(model: Path | None, system: str | None, n: int, temp: float, seed: int | None, n_ctx: int,
+         table_resident: bool):
+    """Chat with the MeKi GGUF MODEL (default: the demo model, built on first use).
+
+    The file's chat template formats the conversation, which is kept until the end. Type /exit
+    or press Ctrl-D to quit; Ctrl-C stops a reply (and quits at the prompt).
+    """
+    from .runtime import load
+
+    if model is None:
+        from .demo import build
+        model = build(log=lambda msg: click.echo(msg, err=True))
+    llm = load(model, table_resident=table_resident, n_ctx=n_ctx)
+    if sys.stdin.isatty():
+        import readline  # noqa: F401  (line editing and history in input())
+    start = [{"role": "system", "content": system}] if system else []
+    history = list(start)
+    click.echo(f"{model.name}: /exit or Ctrl-D quits, Ctrl-C stops a reply", err=True)
+    while True:
+        try:
+            line = input("> ")
+        except (EOFError, KeyboardInterrupt):                # quitting is no error
+            click.echo()
+            return
+        if line.strip() in ("/exit", "/quit"):
+            return
+        if not line.strip():
+            continue
+        history.append({"role": "user", "content": line})
+        reply = ""
+        try:
+            for chunk in llm.create_chat_completion(history, max_tokens=n, temperature=temp, seed=seed, stream=True):
+                piece = chunk["choices"][0]["delta"].get("content") or ""
+                reply += piece
+                click.echo(piece, nl=False)
+        except KeyboardInterrupt:                            # keep what was shown; back to the prompt
+            click.echo(" [stopped]", nl=False)
+        except ValueError as e:                              # llama-cpp-python: the prompt exceeds n_ctx
+            click.echo(f"\n(the conversation no longer fits the context of {llm.n_ctx()} tokens ({e}): "
+                       f"starting a new one)", err=True)
+            history = list(start)
+            continue
+        click.echo()
+        history.append({"role": "assistant", "content": reply})
+
+
+@main.command()
+@click.option("-n", "--n-predict", "n", default=32, show_default=True, help="Greedy tokens to generate and compare.")
+def demo(n: int):
+    """The main job in one command: build a small MeKi checkpoint (random weights, official
+    Megatron-LM layout) in the cache folder, convert it, run it through the patched llama.cpp and
+    print the parity measured against the PyTorch reference, then the text it generated.
+
+    The prompt spans several ubatches (of 16 tokens) and is followed by 1-token decode steps,
+    with an f32 file and an f32 KV cache; the relative logit error at a position is
+    max|llama.cpp - reference| / max|reference| over its logits. Exits non-zero if the parity
+    misses its bar. Deterministic; built once, then reused.
+    """
+    from . import demo as d
+    from . import parity
+    from .checkpoint import load_checkpoint
+
+    path = d.build(log=click.echo)
+    ckpt = load_checkpoint(d.checkpoint_dir())
+    c = ckpt.config
+    click.echo(f"checkpoint  {d.checkpoint_dir()} (Megatron-LM, {c.n_layer} layers, d {c.d_model}, "
+               f"m {c.d_mem}, vocab {c.vocab_size}, gate {'on the residual' if c.gate_on_residual else 'on the normed state'}, "
+               f"random weights)")
+    click.echo(f"GGUF        {path} ({_size(path.stat().st_size)}, f32, table read lazily by row)")
+    llm = parity.open_llama(path)
+    prompt = llm.tokenize(d.PROMPT.encode(), add_bos=False)
+    p = parity.compare(llm, parity.reference(ckpt), prompt, n_gen=n)
+    click.echo(f"parity      vs the PyTorch reference, {len(p.rel_err)} positions ({p.n_prompt} prompt tokens in "
+               f"ubatches of {llm.context_params.n_ubatch}, then {n - 1} 1-token decode steps):")
+    click.echo(f"            max relative logit error {p.max_rel_err:.2e} (bar {parity.MAX_REL_ERR:g}), "
+               f"top-1 agreement {p.top1:.0%}")
+    click.echo(f"            greedy continuation: {p.greedy_same}/{len(p.greedy)} tokens identical")
+    text = llm.detokenize(p.greedy).decode("utf-8", "replace")
+    click.echo(f"generation  {d.PROMPT!r} -> {text!r}")
+    click.echo("            (random weights: the pipeline, not the prose; try `meki-gguf chat`)")
+    if p.max_rel_err > parity.MAX_REL_ERR or p.greedy_same < len(p.greedy):
+        raise MekiError("parity with the PyTorch reference failed (see above)")
+
+
 def _size(n: int) -> str:
     for unit in ("B", "KiB", "MiB", "GiB"):
         if n < 1024 or unit == "GiB":

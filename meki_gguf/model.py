@@ -173,15 +173,19 @@ class MekiForCausalLM(nn.Module):
         self.model = MekiModel(c)
         self.lm_head = None if c.tied else nn.Linear(c.d_model, c.vocab_size, bias=False)
 
-    def forward(self, ids):
-        """ids: [B, T] -> logits [B, T, V] (float32 or the module's dtype)."""
+    def hidden_states(self, ids):
+        """ids: [B, T] -> the final normed hidden states [B, T, d] (llama.cpp's embeddings)."""
         E = self.model.embed_tokens.weight
         x = E[ids]
         pos = torch.arange(ids.shape[1])
         for blk in self.model.layers:
             x = blk(x, ids, E, pos)
-        x = self.model.norm(x)
-        return x @ (E if self.lm_head is None else self.lm_head.weight).T
+        return self.model.norm(x)
+
+    def forward(self, ids):
+        """ids: [B, T] -> logits [B, T, V] (float32 or the module's dtype)."""
+        W = self.model.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
+        return self.hidden_states(ids) @ W.T
 
     @torch.no_grad()
     def fold(self, chunk: int = 4096) -> None:

@@ -19,6 +19,7 @@ import gguf
 from gguf import GGMLQuantizationType as Q
 
 from .errors import MekiError
+from .runtime import llama_tool
 
 TABLE = "meki_mem.weight"
 FLOAT_TYPES = ("f32", "f16", "bf16")
@@ -33,15 +34,6 @@ BACKBONE_TYPES = ("Q1_0", "Q2_0", "Q4_0", "Q4_1", "MXFP4_MOE", "Q5_0", "Q5_1", "
                   "IQ2_M", "IQ1_S", "IQ1_M", "TQ1_0", "TQ2_0", "Q2_K", "Q2_K_S", "IQ3_XXS", "IQ3_S", "IQ3_M",
                   "Q3_K", "IQ3_XS", "Q3_K_S", "Q3_K_M", "Q3_K_L", "IQ4_NL", "IQ4_XS", "Q4_K", "Q4_K_S",
                   "Q4_K_M", "Q5_K", "Q5_K_S", "Q5_K_M", "Q6_K", "Q8_0", "F16", "BF16", "F32")
-
-
-def llama_tool(name: str) -> Path:
-    """A tool of the patched llama.cpp build: $MEKI_LLAMA_BIN/name, else build/cmake/bin/name."""
-    bin_dir = Path(os.environ.get("MEKI_LLAMA_BIN") or Path(__file__).resolve().parents[1] / "build" / "cmake" / "bin")
-    tool = bin_dir / name
-    if not tool.is_file():
-        raise MekiError(f"{tool} not found: build the patched llama.cpp first (scripts/build_llama.py)")
-    return tool
 
 
 def block_size(type_name: str) -> int:

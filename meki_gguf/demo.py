@@ -1,0 +1,74 @@
+"""The demo model: a small MeKi checkpoint built on the spot, converted, and checked.
+
+With no model given, `meki-gguf demo` and `meki-gguf chat` use it. It is built once into the
+cache folder (`$MEKI_GGUF_CACHE`, else `$XDG_CACHE_HOME/meki-gguf`, else `~/.cache/meki-gguf`),
+deterministically: random weights (model.init_random, seed 0), written in the official
+Megatron-LM layout (checkpoint.save_megatron, Transformer Engine variant as in the released
+training script), converted by write_gguf with a small real BPE tokenizer and chat template.
+Its weights are random, so its text is gibberish: it shows the pipeline, not a language model.
+A trained model replaces it in one place: `default_model()` below.
+"""
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+
+from .model import MekiConfig
+
+# The released MeKi training script's shape in miniature: TE layout (gate on the residual),
+# tied embeddings, no QK-norm; the tiny tokenizer's 320 tokens padded to 384 rows like Megatron.
+CONFIG = MekiConfig(vocab_size=384, n_layer=4, d_model=128, d_mem=64, d_ff=384, n_head=4, n_kv_head=2,
+                    head_dim=32, qk_norm=False, tied=True, gate_on_residual=True, max_seq_len=2048)
+N_TOKENS = 320
+SEED = 0
+PROMPT = "Once upon a time, a small model kept its memory on disk."
+NAME = "meki-demo-random.gguf"       # bump the name when CONFIG or the recipe changes
+
+
+def cache_dir() -> Path:
+    if os.environ.get("MEKI_GGUF_CACHE"):
+        return Path(os.environ["MEKI_GGUF_CACHE"])
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "meki-gguf"
+
+
+def demo_dir() -> Path:
+    return cache_dir() / "demo"
+
+
+def default_model() -> Path:
+    """The model `chat` and `demo` use when none is given: the one place to change it."""
+    return demo_dir() / NAME
+
+
+def checkpoint_dir() -> Path:
+    return demo_dir() / "megatron"
+
+
+def build(log=print) -> Path:
+    """Build the demo checkpoint and its GGUF (f32 everywhere: the parity shown is exact),
+    unless already there. The folder appears complete or not at all."""
+    from .checkpoint import load_checkpoint, save_megatron
+    from .model import init_random
+    from .tokenizer import tiny_tokenizer_dir
+    from .write import write_gguf
+
+    out = demo_dir()
+    if (out / NAME).is_file() and checkpoint_dir().is_dir():
+        return out / NAME
+    log(f"building the demo model in {out} (once) ...")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=".demo-", dir=out.parent))
+    try:
+        tok = tiny_tokenizer_dir(tmp / "tokenizer", n_tokens=N_TOKENS)
+        save_megatron(init_random(CONFIG, seed=SEED), tmp / "megatron", dtype=torch.bfloat16)
+        write_gguf(load_checkpoint(tmp / "megatron"), tmp / NAME, outtype="f32", table_type="f32",
+                   tokenizer=tok, progress=False)
+        shutil.rmtree(out, ignore_errors=True)
+        os.replace(tmp, out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return out / NAME

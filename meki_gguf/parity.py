@@ -1,0 +1,120 @@
+"""The PyTorch reference vs llama.cpp on the same checkpoint (used by the tests and `meki-gguf demo`).
+
+One prompt goes through llama.cpp in a single llama_decode call that it splits into several
+ubatches, then its greedy continuation runs as 1-token decode steps. The reference (model.py, in
+training form and float64: the arbiter) sees the same tokens, and at every position:
+
+* relative logit error  max_i |l_i - r_i| / max_i |r_i|   (l: llama.cpp's logits at that position,
+  r: the reference's). Relative to the position's largest reference logit, so it is scale-free and
+  does not blow up where single logits are near zero. `max_rel_err` is its maximum over positions.
+* top-1 agreement: the fraction of positions whose argmax agrees.
+* KL(P_ref || P_llama) in nats, the softmax distributions of both; `mean_kl` averages positions.
+
+The greedy check compares llama.cpp's continuation with the reference's own greedy continuation
+(`MekiForCausalLM.generate_greedy`). The bars: an f32 GGUF with an f32 KV cache -> max_rel_err
+<= MAX_REL_ERR and identical greedy tokens; f16 backbone + q8_0 table -> top-1 >= MIN_TOP1 and
+mean KL <= MAX_MEAN_KL.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from . import runtime
+from .model import MekiForCausalLM
+
+GGML_TYPE_F32 = 0                   # llama.cpp's KV cache type for exact comparisons
+# the bars (issue 3): an f32 GGUF with an f32 KV cache, and an f16 backbone with a q8_0 table
+MAX_REL_ERR = 1e-4
+MIN_TOP1, MAX_MEAN_KL = 0.99, 1e-3
+
+
+def reference(ckpt, dtype: torch.dtype = torch.float64) -> MekiForCausalLM:
+    """The training-form model of a checkpoint.Checkpoint (nothing folded), in `dtype`."""
+    model = MekiForCausalLM(ckpt.config).to(dtype)
+    model.load_state_dict({k: ckpt.tensors[k].to(dtype) for k in ckpt.tensors})
+    return model.eval()
+
+
+def open_llama(path: str | Path, *, n_ubatch: int = 16, n_batch: int = 64, n_ctx: int = 256, **kw):
+    """llama.cpp set up for comparisons: logits at every position, f32 KV cache, small ubatches,
+    no flash attention (llama.cpp's CPU flash attention rounds to f16 inside: ~1e-3 relative
+    logit error on any model, whatever the KV cache type)."""
+    kw = {"type_k": GGML_TYPE_F32, "type_v": GGML_TYPE_F32, "flash_attn": False, **kw}
+    return runtime.load(path, n_ctx=n_ctx, n_batch=n_batch, n_ubatch=n_ubatch, logits_all=True, **kw)
+
+
+def rel_err(logits: np.ndarray, ref: np.ndarray) -> np.ndarray:
+    """Per position (row): max |logits - ref| / max |ref|."""
+    return np.abs(logits - ref).max(-1) / np.abs(ref).max(-1)
+
+
+def kl(ref: np.ndarray, logits: np.ndarray) -> np.ndarray:
+    """Per position (row): KL(softmax(ref) || softmax(logits)) in nats, in float64."""
+    lp = torch.log_softmax(torch.as_tensor(ref, dtype=torch.float64), -1)
+    lq = torch.log_softmax(torch.as_tensor(logits, dtype=torch.float64), -1)
+    return (lp.exp() * (lp - lq)).sum(-1).numpy()
+
+
+def llama_greedy(llm, prompt: list[int], n: int) -> tuple[list[int], np.ndarray]:
+    """n greedy tokens from llama.cpp and its logits at every position it evaluated
+    (prompt + the first n-1 generated tokens). `llm` needs logits_all=True."""
+    llm.reset()
+    llm.eval(prompt)                                  # one decode call, split into ubatches
+    out = []
+    for i in range(n):
+        out.append(int(np.argmax(llm.scores[llm.n_tokens - 1])))
+        if i < n - 1:
+            llm.eval(out[-1:])                        # a 1-token decode step
+    return out, np.array(llm.scores[:llm.n_tokens], dtype=np.float64)
+
+
+@torch.no_grad()
+def reference_logits(model: MekiForCausalLM, ids: list[int]) -> np.ndarray:
+    return model(torch.tensor([ids]))[0].double().numpy()
+
+
+@dataclass
+class Parity:
+    n_prompt: int
+    rel_err: np.ndarray                  # per position
+    kl: np.ndarray                       # per position
+    top1: float                          # fraction of positions whose argmax agrees
+    greedy: list[int]                    # llama.cpp's greedy continuation
+    greedy_ref: list[int]                # the reference's
+
+    @property
+    def max_rel_err(self) -> float:
+        return float(self.rel_err.max())
+
+    @property
+    def mean_kl(self) -> float:
+        return float(self.kl.mean())
+
+    @property
+    def greedy_same(self) -> int:
+        """How many leading greedy tokens agree."""
+        return next((i for i, (a, b) in enumerate(zip(self.greedy, self.greedy_ref)) if a != b), len(self.greedy))
+
+    def summary(self) -> str:
+        return (f"{len(self.rel_err)} positions ({self.n_prompt} prompt + {len(self.greedy) - 1} decode steps): "
+                f"max rel logit error {self.max_rel_err:.2e}, top-1 {self.top1:.2%}, mean KL {self.mean_kl:.2e}, "
+                f"greedy {self.greedy_same}/{len(self.greedy)} tokens identical")
+
+
+def compare(llm, model: MekiForCausalLM, prompt: list[int], n_gen: int = 32) -> Parity:
+    """Run `prompt` + n_gen greedy tokens through llama.cpp (`open_llama`) and the reference."""
+    greedy, logits = llama_greedy(llm, prompt, n_gen)
+    ref = reference_logits(model, prompt + greedy[:-1])
+    # The reference is causal: its argmax after prompt + greedy[:i] is its greedy token i as long
+    # as both continuations agree so far, so one forward pass settles them; it generates on its
+    # own only from the first disagreement.
+    choice = ref[len(prompt) - 1:].argmax(-1)
+    same = next((i for i in range(n_gen) if choice[i] != greedy[i]), n_gen)
+    greedy_ref = greedy[:same] + (model.generate_greedy(prompt + greedy[:same], n_gen - same) if same < n_gen else [])
+    return Parity(n_prompt=len(prompt), rel_err=rel_err(logits, ref), kl=kl(ref, logits),
+                  top1=float((logits.argmax(-1) == ref.argmax(-1)).mean()),
+                  greedy=greedy, greedy_ref=greedy_ref)

@@ -1,0 +1,162 @@
+"""Run a MeKi GGUF through the patched llama.cpp: its Python binding and its tools.
+
+`load()` returns a plain `llama_cpp.Llama`, so the whole llama-cpp-python API applies
+(completion, chat completion with the file's chat template, streaming, tokenize, ...).
+By default the memory table stays on storage: it is mapped, read lazily and its rows are
+prefetched by token id (docs/FORMAT.md); `table_resident=True` loads it into RAM instead.
+
+`evict()` and `resident_pages()` are the measurement behind that claim: drop the file from the
+page cache, generate, then count which pages of the table the kernel holds (mincore).
+"""
+from __future__ import annotations
+
+import ctypes
+import mmap
+import os
+import struct
+from math import prod
+from pathlib import Path
+
+import gguf
+from gguf import GGUFValueType as T
+
+from .errors import MekiError
+
+ROOT = Path(__file__).resolve().parents[1]
+LLAMA_BIN = ROOT / "build" / "cmake" / "bin"        # where scripts/build_llama.py puts the tools
+TABLE = "meki_mem.weight"
+
+
+def load(path: str | Path, *, table_resident: bool = False, n_ctx: int = 2048, **llama_kwargs):
+    """Open the MeKi GGUF `path` with llama-cpp-python; llama_kwargs go to `llama_cpp.Llama`."""
+    path = Path(path)
+    read_header(path, meki=True)                     # a clear error before llama.cpp's own
+    from llama_cpp import Llama
+
+    llama_kwargs.setdefault("verbose", False)
+    try:
+        return Llama(model_path=str(path), n_ctx=n_ctx,
+                     tensor_read_lazy="off" if table_resident else "auto", **llama_kwargs)
+    except ValueError as e:                          # llama-cpp-python's "Failed to load model ..."
+        raise MekiError(f"{path}: llama.cpp could not load it ({e}); is the patched llama-cpp-python "
+                        f"installed? run scripts/install.sh") from None
+
+
+def llama_tool(name: str) -> Path:
+    """A patched llama.cpp tool (llama-cli, llama-server, ...); $MEKI_LLAMA_BIN overrides the folder."""
+    folder = Path(os.environ.get("MEKI_LLAMA_BIN") or LLAMA_BIN)
+    exe = folder / name
+    if not (exe.is_file() and os.access(exe, os.X_OK)):
+        raise MekiError(f"{name} not found in {folder}: run scripts/install.sh (or set MEKI_LLAMA_BIN)")
+    return exe
+
+
+# --- the GGUF header ---------------------------------------------------------------------------
+# gguf-py's GGUFReader parses every array element into numpy (about 8 s for a 152k-token
+# vocabulary), so the header is walked here: arrays are skipped, scalars and strings kept.
+
+_SCALAR = {T.UINT8: "B", T.INT8: "b", T.UINT16: "H", T.INT16: "h", T.UINT32: "I", T.INT32: "i",
+           T.FLOAT32: "f", T.BOOL: "?", T.UINT64: "Q", T.INT64: "q", T.FLOAT64: "d"}
+
+
+def read_header(path: str | Path, meki: bool = False) -> tuple[dict, dict[str, tuple[int, int]]]:
+    """(metadata without arrays, {tensor: (absolute file offset, nbytes)}) of a GGUF file.
+    MekiError if it is missing or not a GGUF; with meki=True also if it is not a MeKi GGUF."""
+    path = Path(path)
+    if not path.is_file():
+        raise MekiError(f"{path}: no such file" if not path.exists() else f"{path}: not a file")
+    file_size = path.stat().st_size
+    with open(path, "rb") as f:
+        if f.read(4) != struct.pack("<I", gguf.GGUF_MAGIC):
+            raise MekiError(f"{path}: not a GGUF file")
+
+        def unpack(fmt):
+            fmt = "<" + fmt
+            data = f.read(struct.calcsize(fmt))
+            return struct.unpack(fmt, data)
+
+        def value(t: int, keep: bool = True):
+            if t == T.STRING:
+                (n,) = unpack("Q")
+                if n > file_size:
+                    raise ValueError("string longer than the file")
+                return f.read(n).decode("utf-8", "replace") if keep else f.seek(n, 1)
+            if t == T.ARRAY:
+                et, n = unpack("IQ")
+                if et in _SCALAR:
+                    f.seek(n * struct.calcsize(_SCALAR[T(et)]), 1)
+                else:
+                    for _ in range(n):
+                        value(T(et), keep=False)
+                return None
+            return unpack(_SCALAR[T(t)])[0]
+
+        try:
+            _version, n_tensors, n_kv = unpack("IQQ")
+            kv = {}
+            for _ in range(n_kv):
+                key, t = value(T.STRING), T(unpack("I")[0])
+                kv[key] = value(t)
+            infos = []
+            for _ in range(n_tensors):
+                name, (n_dims,) = value(T.STRING), unpack("I")
+                ne, (qtype, offset) = unpack("Q" * n_dims), unpack("IQ")
+                block, type_size = gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType(qtype)]
+                infos.append((name, offset, prod(ne) // block * type_size))
+            align = kv.get(gguf.Keys.General.ALIGNMENT) or gguf.GGUF_DEFAULT_ALIGNMENT
+            data = -(-f.tell() // align) * align
+        except (struct.error, ValueError, KeyError, OverflowError):   # truncated or garbled
+            raise MekiError(f"{path}: not a valid GGUF file (truncated or corrupt header)") from None
+    arch = kv.get("general.architecture")
+    if meki and arch != "meki":
+        raise MekiError(f"{path}: a {arch!r} GGUF, not a MeKi one (general.architecture is not 'meki')")
+    return kv, {name: (data + off, n) for name, off, n in infos}
+
+
+def table_range(path: str | Path) -> tuple[int, int]:
+    """(file offset, nbytes) of the memory table meki_mem.weight."""
+    _, tensors = read_header(path, meki=True)
+    if TABLE not in tensors:
+        raise MekiError(f"{path}: MeKi GGUF without the table {TABLE}")
+    return tensors[TABLE]
+
+
+# --- page-cache residency -----------------------------------------------------------------------
+
+def evict(path: str | Path) -> None:
+    """Drop the file's pages from the page cache (pages some process still maps stay)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)                                 # dirty pages cannot be dropped
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+    finally:
+        os.close(fd)
+
+
+_libc = ctypes.CDLL(None, use_errno=True)
+_libc.mmap.restype, _libc.mmap.argtypes = ctypes.c_void_p, [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int,
+                                                            ctypes.c_int, ctypes.c_int, ctypes.c_long]
+_libc.munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
+_libc.mincore.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_char_p]
+
+
+def resident_pages(path: str | Path, offset: int, nbytes: int) -> tuple[int, int]:
+    """(pages in the page cache, pages in all) of the byte range [offset, offset+nbytes) of a file.
+    mincore on a fresh shared mapping of the range reports the page cache, whoever read it."""
+    ps = mmap.PAGESIZE
+    start, end = offset // ps * ps, offset + nbytes
+    length = end - start
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        addr = _libc.mmap(None, length, mmap.PROT_READ, mmap.MAP_SHARED, fd, start)
+        if addr in (None, ctypes.c_void_p(-1).value):
+            raise OSError(ctypes.get_errno(), f"mmap: {os.strerror(ctypes.get_errno())}", str(path))
+        try:
+            vec = ctypes.create_string_buffer(-(-length // ps))
+            if _libc.mincore(addr, length, vec) != 0:
+                raise OSError(ctypes.get_errno(), f"mincore: {os.strerror(ctypes.get_errno())}", str(path))
+        finally:
+            _libc.munmap(addr, length)
+    finally:
+        os.close(fd)
+    return sum(b & 1 for b in vec.raw), len(vec.raw)

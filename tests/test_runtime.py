@@ -1,0 +1,389 @@
+"""MeKi GGUFs in the patched llama.cpp, against the PyTorch reference: parity for every variant,
+correctness under the ways llama.cpp batches and edits its cache, the table staying on storage,
+a stock llama.cpp refusing the file, llama-cli, and the `generate`/`chat`/`demo` commands.
+
+Everything runs the real llama.cpp (Python binding and tools); the models are tiny official-layout
+checkpoints (tests/meki_models.py). Figures are printed: run with -s to see them.
+"""
+from __future__ import annotations
+
+import itertools
+import json
+import math
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import gguf
+import llama_cpp
+import numpy as np
+import pytest
+import torch
+from click.testing import CliRunner
+
+from meki_gguf import parity, runtime
+from meki_gguf.cli import main
+from meki_gguf.parity import MAX_REL_ERR, reference_logits, rel_err
+from meki_models import TINY, build, corpus_ids, tokenizer
+
+ROOT = Path(__file__).resolve().parents[1]
+STOCK = ROOT / "build" / "stock"             # unpatched libllama + ggml (scripts/build_llama.py)
+F32 = parity.GGML_TYPE_F32
+# (gate_on_residual, qk_norm, tied): the paper's gate or Megatron+TE's, QK-norm, tied output
+VARIANTS = list(itertools.product((False, True), repeat=3))
+RELEASED = (True, False, True)               # the released training script: TE, no QK-norm, tied
+
+
+def variant_id(v) -> str:
+    gate, qk, tied = v
+    return f"{'te' if gate else 'paper'}-{'qk' if qk else 'noqk'}-{'tied' if tied else 'untied'}"
+
+
+@pytest.fixture(scope="session")
+def tok(tmp_path_factory) -> Path:
+    return tokenizer(tmp_path_factory.mktemp("tok"))
+
+
+@pytest.fixture(scope="session")
+def prompt(tok) -> list[int]:
+    """50 tokens: four ubatches of 16 in one decode call."""
+    return corpus_ids(tok)[:50]
+
+
+@pytest.fixture(scope="session")
+def models(tmp_path_factory, tok):
+    """variant -> (checkpoint, float64 reference, {(outtype, table_type): GGUF}), built once."""
+    cache = {}
+
+    def get(v):
+        if v not in cache:
+            gate, qk, tied = v
+            c = replace(TINY, gate_on_residual=gate, qk_norm=qk, tied=tied)
+            ckpt, paths = build(tmp_path_factory.mktemp(variant_id(v)), tok, c,
+                                types=(("f32", "f32"), ("f16", "q8_0")))
+            cache[v] = ckpt, parity.reference(ckpt), paths
+        return cache[v]
+    return get
+
+
+@pytest.fixture(scope="session")
+def base(models):
+    """The released variant: its reference and its f32 GGUF."""
+    _, ref, paths = models(RELEASED)
+    return ref, paths["f32", "f32"]
+
+
+# --- parity -------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("v", VARIANTS, ids=variant_id)
+def test_parity_f32(models, prompt, v):
+    _, ref, paths = models(v)
+    p = parity.compare(parity.open_llama(paths["f32", "f32"], n_ubatch=16), ref, prompt, n_gen=32)
+    print(f"\n{variant_id(v)} f32 GGUF, f32 KV: {p.summary()}")
+    assert p.max_rel_err <= MAX_REL_ERR
+    assert p.greedy == p.greedy_ref
+
+
+@pytest.mark.parametrize("v", VARIANTS, ids=variant_id)
+def test_parity_f16_q8_0(models, prompt, v):
+    _, ref, paths = models(v)
+    p = parity.compare(parity.open_llama(paths["f16", "q8_0"], n_ubatch=16), ref, prompt, n_gen=32)
+    print(f"\n{variant_id(v)} f16 backbone, q8_0 table: {p.summary()}")
+    assert p.top1 >= parity.MIN_TOP1
+    assert p.mean_kl <= parity.MAX_MEAN_KL
+
+
+# --- batching and the KV cache, through the C API ------------------------------------------------
+
+class Ctx:
+    """A second llama.cpp context on a loaded model, fed batches by hand (llama_batch):
+    items are (token, position, sequence, output?). Outputs are logits, or per-token
+    embeddings with embeddings=True."""
+
+    def __init__(self, llm, n_seq: int = 1, embeddings: bool = False):
+        p = llama_cpp.llama_context_default_params()
+        p.n_ctx, p.n_batch, p.n_ubatch, p.n_seq_max = 256, 128, 16, n_seq
+        p.type_k = p.type_v = F32
+        p.flash_attn_type = llama_cpp.LLAMA_FLASH_ATTN_TYPE_DISABLED   # as parity.open_llama
+        p.embeddings, p.pooling_type = embeddings, llama_cpp.LLAMA_POOLING_TYPE_NONE
+        self.ctx = llama_cpp.llama_init_from_model(llm.model, p)
+        assert self.ctx, "llama_init_from_model failed"
+        self.mem = llama_cpp.llama_get_memory(self.ctx)
+        self.get, self.width = ((llama_cpp.llama_get_embeddings_ith, llm.n_embd()) if embeddings
+                                else (llama_cpp.llama_get_logits_ith, llm.n_vocab()))
+
+    def decode(self, items) -> np.ndarray:
+        """The outputs of the output items, in order."""
+        b = llama_cpp.llama_batch_init(len(items), 0, 1)
+        try:
+            for i, (tok, pos, seq, out) in enumerate(items):
+                b.token[i], b.pos[i], b.n_seq_id[i], b.logits[i] = tok, pos, 1, out
+                b.seq_id[i][0] = seq
+            b.n_tokens = len(items)
+            assert llama_cpp.llama_decode(self.ctx, b) == 0
+        finally:
+            llama_cpp.llama_batch_free(b)
+        rows = [self.get(self.ctx, i) for i, it in enumerate(items) if it[3]]
+        return np.array([np.ctypeslib.as_array(r, shape=(self.width,)) for r in rows], dtype=np.float64)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        llama_cpp.llama_free(self.ctx)
+
+
+def seq(ids, start=0, s=0, out=True):
+    return [(t, start + i, s, out) for i, t in enumerate(ids)]
+
+
+@pytest.fixture(scope="module")
+def llm(base):
+    return parity.open_llama(base[1])
+
+
+def test_output_row_selection(base, llm, prompt):
+    """Only some positions are output: the last layer computes just those rows (the memory slice
+    included), whatever they are."""
+    ref_logits = reference_logits(base[0], prompt)
+    # llama-cpp-python's default: the last position only
+    last_only = runtime.load(base[1], n_ctx=256, n_batch=64, n_ubatch=16, type_k=F32, type_v=F32)
+    last_only.eval(prompt)
+    last = np.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(last_only.ctx, -1), shape=(last_only.n_vocab(),))
+    assert rel_err(last, ref_logits[-1]) <= MAX_REL_ERR
+    # a scattered subset
+    want = [0, 7, 16, 31, 32, 49]
+    with Ctx(llm) as c:
+        rows = c.decode([(t, i, 0, i in want) for i, t in enumerate(prompt)])
+    assert rel_err(rows, ref_logits[want]).max() <= MAX_REL_ERR
+
+
+def test_several_sequences_in_one_batch(base, llm, prompt):
+    ref = base[0]
+    a, b = prompt[:30], prompt[30:] + prompt[:7]           # 30 and 27 tokens, interleaved
+    with Ctx(llm, n_seq=2) as c:
+        items = sorted(seq(a, s=0) + seq(b, s=1), key=lambda it: it[1])
+        rows = c.decode(items)
+        got_a = rows[[i for i, it in enumerate(items) if it[2] == 0]]
+        got_b = rows[[i for i, it in enumerate(items) if it[2] == 1]]
+        assert rel_err(got_a, reference_logits(ref, a)).max() <= MAX_REL_ERR
+        assert rel_err(got_b, reference_logits(ref, b)).max() <= MAX_REL_ERR
+        x, y = prompt[40], prompt[3]                         # then one decode step for both at once
+        step = c.decode([(x, len(a), 0, True), (y, len(b), 1, True)])
+    assert rel_err(step[0], reference_logits(ref, a + [x])[-1]) <= MAX_REL_ERR
+    assert rel_err(step[1], reference_logits(ref, b + [y])[-1]) <= MAX_REL_ERR
+
+
+def test_kv_cache_removal(base, llm, prompt):
+    """Drop a suffix from the cache and continue differently == a fresh run of the new text."""
+    P, S1, S2 = prompt[:20], prompt[20:35], prompt[35:50]
+    with Ctx(llm) as c:
+        c.decode(seq(P + S1))
+        assert llama_cpp.llama_memory_seq_rm(c.mem, 0, len(P), -1)
+        rows = c.decode(seq(S2, start=len(P)))
+    with Ctx(llm) as fresh:
+        fresh_rows = fresh.decode(seq(P + S2))[len(P):]
+    assert rel_err(rows, reference_logits(base[0], P + S2)[len(P):]).max() <= MAX_REL_ERR
+    assert rel_err(rows, fresh_rows).max() <= 1e-5
+
+
+def test_kv_cache_shift(base, llm, prompt):
+    """A KV shift moves cached keys to new positions (RoPE re-rotation in the cache). Text decoded
+    at positions k.. and moved back by k decodes on exactly as the reference's at positions 0..
+    llama.cpp's context shift (drop the first k cells, move the rest back by k) keeps the states
+    that were computed with the dropped tokens in view, so no fresh run matches it; what it must
+    match is the same cache without the move, one query k positions later (RoPE is relative)."""
+    ids, k, x = prompt[:40], 10, prompt[40]
+    mem = llama_cpp.llama_memory_seq_pos_min, llama_cpp.llama_memory_seq_pos_max
+    with Ctx(llm) as c:
+        assert llama_cpp.llama_memory_can_shift(c.mem)
+        c.decode(seq(ids, start=k))
+        llama_cpp.llama_memory_seq_add(c.mem, 0, k, -1, -k)
+        assert [f(c.mem, 0) for f in mem] == [0, len(ids) - 1]
+        row = c.decode([(x, len(ids), 0, True)])[0]
+    assert rel_err(row, reference_logits(base[0], ids + [x])[-1]) <= MAX_REL_ERR
+
+    def context_shift(move: bool) -> np.ndarray:
+        with Ctx(llm) as c:
+            c.decode(seq(ids))
+            assert llama_cpp.llama_memory_seq_rm(c.mem, 0, 0, k)
+            if move:
+                llama_cpp.llama_memory_seq_add(c.mem, 0, k, -1, -k)
+            return c.decode([(x, len(ids) - k * move, 0, True)])[0]
+    assert rel_err(context_shift(True), context_shift(False)) <= 1e-5
+
+
+def test_embeddings_mode(base, llm, prompt):
+    """Per-token embeddings (no pooling) == the reference's final normed hidden state: through
+    llama-cpp-python's embed(), and for two sequences in one batch through the C API.
+    (Not two texts through embed(): llama-cpp-python 0.3.36 reads the second text's per-token
+    embeddings at a wrong offset, `pos += size` instead of `size * n_embd`, whatever the model.)"""
+    ref, path = base
+
+    def hidden(ids):
+        with torch.no_grad():
+            return ref.hidden_states(torch.tensor([ids]))[0].numpy()
+    emb = runtime.load(path, n_ctx=256, n_batch=64, n_ubatch=16, embedding=True,
+                       pooling_type=llama_cpp.LLAMA_POOLING_TYPE_NONE, type_k=F32, type_v=F32)
+    text = "Hello, world! How are you today? The capital of France is Paris."
+    e = np.array(emb.embed(text), dtype=np.float64)
+    assert rel_err(e, hidden(emb.tokenize(text.encode()))).max() <= MAX_REL_ERR   # what embed() tokenized
+    a, b = prompt[:30], prompt[30:]
+    with Ctx(llm, n_seq=2, embeddings=True) as c:
+        items = sorted(seq(a, s=0) + seq(b, s=1), key=lambda it: it[1])
+        rows = c.decode(items)
+    for s, ids in enumerate((a, b)):
+        got = rows[[i for i, it in enumerate(items) if it[2] == s]]
+        assert rel_err(got, hidden(ids)).max() <= MAX_REL_ERR
+
+
+# --- a stock llama.cpp refuses ------------------------------------------------------------------
+
+def test_stock_llama_cpp_refuses(base):
+    """Unpatched libllama (same llama-cpp-python, LLAMA_CPP_LIB_PATH) cannot run a MeKi file and
+    says why: a MeKi model without its memory would silently be another model."""
+    assert (STOCK / "libllama.so").is_file(), f"no stock libllama in {STOCK}: run scripts/install.sh"
+    code = ("import sys, llama_cpp; print('lib:', llama_cpp.llama_cpp._base_path, flush=True); "
+            "llama_cpp.Llama(model_path=sys.argv[1], verbose=True)")
+    r = subprocess.run([sys.executable, "-c", code, str(base[1])], capture_output=True, text=True, timeout=120,
+                       env={**os.environ, "LLAMA_CPP_LIB_PATH": str(STOCK)})
+    out = r.stdout + r.stderr
+    print("\n" + "\n".join(line for line in out.splitlines() if "meki'" in line or "Error" in line))
+    assert r.returncode != 0
+    assert f"lib: {STOCK}" in out
+    assert "unknown model architecture: 'meki'" in out
+
+
+# --- the table stays on storage -----------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def big(tmp_path_factory, tok) -> Path:
+    """A Qwen-sized vocabulary (151936 rows) and 1 KiB table rows (2 layers x 128 x f32): 148 MiB."""
+    c = replace(TINY, vocab_size=151936, d_mem=128)
+    _, paths = build(tmp_path_factory.mktemp("big"), tok, c, types=(("f16", "f32"),), trained=False)
+    return paths["f16", "f32"]
+
+
+def test_table_not_resident_after_generation(big):
+    off, nbytes = runtime.table_range(big)
+    ps, row = os.sysconf("SC_PAGE_SIZE"), nbytes // 151936
+    per_row = math.ceil(row / ps) + 1                       # a row may straddle a page boundary
+    figures = {}
+    for resident in (False, True):
+        runtime.evict(big)
+        assert runtime.resident_pages(big, off, nbytes)[0] == 0, "eviction failed: is the file on tmpfs?"
+        llm = runtime.load(big, table_resident=resident, n_ctx=256)
+        after_load, total = runtime.resident_pages(big, off, nbytes)
+        llm("The quick brown fox", max_tokens=32, temperature=0)
+        seen = len(set(llm.input_ids[:llm.n_tokens].tolist()))  # the rows gathered
+        after_gen, _ = runtime.resident_pages(big, off, nbytes)
+        figures[resident] = after_load, after_gen, total, seen
+        print(f"\ntable {nbytes / 2**20:.0f} MiB = {total} pages, {row} B rows; table_resident={resident}: "
+              f"{after_load} pages resident after load, {after_gen} after generating 32 tokens "
+              f"({seen} distinct tokens evaluated)")
+        del llm
+    after_load, after_gen, total, seen = figures[False]
+    # generation reads the rows of the tokens it sees, nothing else; what load leaves is the
+    # kernel's readahead of the tensors before the table, a few MiB whatever the table's size
+    assert after_gen - after_load <= seen * per_row + 8
+    assert after_gen < total / 4
+    assert figures[True][0] >= 0.99 * total                 # resident on request
+
+
+# --- llama-cli ----------------------------------------------------------------------------------
+
+def test_llama_cli_greedy_matches_python(base, llm):
+    """llama-cli (single turn, chat template) produces the tokens Python's greedy decoding does."""
+    text, n = "Hello, world! How are you today?", 16
+    r = subprocess.run([runtime.llama_tool("llama-cli"), "-m", base[1], "-p", text, "-n", str(n), "--temp", "0",
+                        "-st", "--no-warmup", "-c", "256", "-ctk", "f32", "-ctv", "f32", "-fa", "off", "-v"],
+                       stdin=subprocess.DEVNULL, capture_output=True, timeout=120)
+    assert r.returncode == 0, r.stderr[-2000:]
+    log = r.stderr.decode("utf-8", "replace")
+    cli_tokens = [int(t) for t in re.findall(r"next token:\s+(\d+)", log)]
+    prompt = json.loads(re.search(r'"prompt":("(?:[^"\\]|\\.)*")', log).group(1))
+    fmt = llama_cpp.llama_chat_format.Jinja2ChatFormatter(
+        llm.metadata["tokenizer.chat_template"], eos_token="<|im_end|>", bos_token="<|endoftext|>")
+    assert prompt == fmt(messages=[{"role": "user", "content": text}]).prompt   # the same chat template
+    ours, _ = parity.llama_greedy(llm, llm.tokenize(prompt.encode(), special=True), n)
+    vocab = llama_cpp.llama_model_get_vocab(llm.model)
+    end = next((i + 1 for i, t in enumerate(ours) if llama_cpp.llama_vocab_is_eog(vocab, t)), n)
+    print(f"\nllama-cli: {cli_tokens}")
+    assert cli_tokens == ours[:end]
+
+
+# --- the commands -------------------------------------------------------------------------------
+
+def run_cli(*args, env=None, **kw):
+    return subprocess.run([sys.executable, "-m", "meki_gguf.cli", *map(str, args)], cwd=ROOT, capture_output=True,
+                          text=True, timeout=180, env={**os.environ, **(env or {})}, **kw)
+
+
+def test_cli_generate(base):
+    text = "The capital of France is"
+    r = run_cli("generate", base[1], "-p", text, "-n", 16, "--temp", 0)
+    assert r.returncode == 0, r.stderr
+    llm = runtime.load(base[1], n_ctx=0)
+    assert r.stdout == llm(text, max_tokens=16, temperature=0)["choices"][0]["text"] + "\n"
+
+
+def test_cli_chat_exits_cleanly(base):
+    r = run_cli("chat", base[1], "-n", 8, input="hi\nhow are you?\n/exit\n")
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.count("> ") >= 3 and "Traceback" not in r.stderr
+
+
+def test_cli_chat_ctrl_c_at_the_prompt_exits_0(base):
+    p = subprocess.Popen([sys.executable, "-m", "meki_gguf.cli", "chat", str(base[1])], cwd=ROOT,
+                         stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        seen, deadline = b"", time.time() + 120
+        while not seen.endswith(b"> ") and time.time() < deadline:   # input() flushes its prompt
+            seen += os.read(p.stdout.fileno(), 100)
+        p.send_signal(signal.SIGINT)
+        _, err = p.communicate(timeout=60)
+    finally:
+        p.kill()
+    assert p.returncode == 0, err
+    assert b"Traceback" not in err
+
+
+def nonmeki_gguf(path: Path) -> Path:
+    w = gguf.GGUFWriter(path, "llama")
+    w.add_tensor("token_embd.weight", np.zeros((4, 8), dtype=np.float32))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return path
+
+
+@pytest.mark.parametrize("command", ["generate", "chat"])
+def test_cli_bad_model_is_a_one_line_error(tmp_path, command):
+    extra = ["-p", "x"] if command == "generate" else []
+    for model, needle in [(tmp_path / "missing.gguf", "no such file"),
+                          (nonmeki_gguf(tmp_path / "llama.gguf"), "not a MeKi one"),
+                          (Path(__file__), "not a GGUF file")]:
+        r = CliRunner().invoke(main, [command, str(model), *extra])
+        assert r.exit_code != 0
+        lines = r.stderr.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith("error: ") and needle in lines[0], r.stderr
+
+
+def test_cli_demo_then_chat_with_the_demo_model(tmp_path):
+    env = {"MEKI_GGUF_CACHE": str(tmp_path / "cache")}
+    t = time.time()
+    r = run_cli("demo", env=env)
+    took = time.time() - t
+    print(f"\n{r.stdout}(demo: {took:.1f} s with the build)")
+    assert r.returncode == 0, r.stderr
+    err = float(re.search(r"max relative logit error (\S+)", r.stdout).group(1))
+    assert err <= MAX_REL_ERR and "32/32 tokens identical" in r.stdout
+    assert took < 60
+    r = run_cli("chat", "-n", 8, env=env, input="hi\n/exit\n")  # no MODEL: the demo model, built once
+    assert r.returncode == 0 and "building" not in r.stderr, r.stderr
