@@ -214,8 +214,8 @@ def chat(model: Path | None, system: str | None, n: int, temp: float, seed: int 
     from .runtime import load
 
     if model is None:
-        from .demo import build
-        model = build(log=lambda msg: click.echo(msg, err=True))
+        from .demo import default_model
+        model = default_model(log=lambda msg: click.echo(msg, err=True))
     llm = load(model, table_resident=table_resident, n_ctx=n_ctx)
     if sys.stdin.isatty():
         import readline  # noqa: F401  (line editing and history in input())

@@ -39,9 +39,9 @@ def demo_dir() -> Path:
     return cache_dir() / "demo"
 
 
-def default_model() -> Path:
-    """The model `chat` and `demo` use when none is given: the one place to change it."""
-    return demo_dir() / NAME
+def default_model(log=print) -> Path:
+    """The model `chat` uses when none is given, built on first use: the one place to change it."""
+    return build(log)
 
 
 def checkpoint_dir() -> Path:
