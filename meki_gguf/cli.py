@@ -199,14 +199,14 @@ def generate(model: Path, prompt: str, n: int, temp: float, seed: int | None, n_
 @main.command()
 @click.argument("model", required=False, type=click.Path(dir_okay=False, path_type=Path))
 @click.option("-s", "--system", help="A system message to start the conversation with.")
-@click.option("-n", "--n-predict", "n", default=512, show_default=True, help="Tokens per reply at most.")
+@click.option("-n", "--n-predict", "n", default=160, show_default=True, help="Tokens per reply at most.")
 @click.option("--temp", default=0.7, show_default=True, help="Sampling temperature; 0 is greedy.")
 @_seed
 @_ctx
 @_table_resident
 def chat(model: Path | None, system: str | None, n: int, temp: float, seed: int | None, n_ctx: int,
          table_resident: bool):
-    """Chat with the MeKi GGUF MODEL (default: the demo model, built on first use).
+    """Chat with the MeKi GGUF MODEL (default: the embedded trained demo model).
 
     The file's chat template formats the conversation, which is kept until the end. Type /exit
     or press Ctrl-D to quit; Ctrl-C stops a reply (and quits at the prompt).
@@ -252,10 +252,12 @@ def chat(model: Path | None, system: str | None, n: int, temp: float, seed: int 
 
 @main.command()
 @click.option("-n", "--n-predict", "n", default=32, show_default=True, help="Greedy tokens to generate and compare.")
-def demo(n: int):
+@click.option("--n-chat", default=64, show_default=True, help="Tokens of the trained model's reply.")
+def demo(n: int, n_chat: int):
     """The main job in one command: build a small MeKi checkpoint (random weights, official
     Megatron-LM layout) in the cache folder, convert it, run it through the patched llama.cpp and
-    print the parity measured against the PyTorch reference, then the text it generated.
+    print the parity measured against the PyTorch reference, then the text it generated; last,
+    one chat turn with the embedded trained MeKi model (the default of `meki-gguf chat`).
 
     The prompt spans several ubatches (of 16 tokens) and is followed by 1-token decode steps,
     with an f32 file and an f32 KV cache; the relative logit error at a position is
@@ -283,9 +285,20 @@ def demo(n: int):
     click.echo(f"            greedy continuation: {p.greedy_same}/{len(p.greedy)} tokens identical")
     text = llm.detokenize(p.greedy).decode("utf-8", "replace")
     click.echo(f"generation  {d.PROMPT!r} -> {text!r}")
-    click.echo("            (random weights: the pipeline, not the prose; try `meki-gguf chat`)")
+    click.echo("            (random weights: this checks the pipeline; the trained model talks below)")
     if p.max_rel_err > parity.MAX_REL_ERR or p.greedy_same < len(p.greedy):
         raise MekiError("parity with the PyTorch reference failed (see above)")
+
+    from .runtime import load
+    model = d.default_model(log=click.echo)
+    click.echo(f"\nchat        {model} ({_size(model.stat().st_size)}; `meki-gguf chat` continues from here)")
+    click.echo(f"> {d.CHAT_PROMPT}")
+    llm = load(model, n_ctx=0)
+    for chunk in llm.create_chat_completion([{"role": "user", "content": d.CHAT_PROMPT}],
+                                            max_tokens=n_chat, temperature=0.7, top_p=0.9,
+                                            repeat_penalty=1.3, seed=1, stream=True):
+        click.echo(chunk["choices"][0]["delta"].get("content") or "", nl=False)
+    click.echo()
 
 
 def _size(n: int) -> str:

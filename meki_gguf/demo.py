@@ -1,12 +1,15 @@
-"""The demo model: a small MeKi checkpoint built on the spot, converted, and checked.
+"""The demo models.
 
-With no model given, `meki-gguf demo` and `meki-gguf chat` use it. It is built once into the
+- The embedded default (`EMBEDDED`, shipped in meki_gguf/data/): a small MeKi model trained on
+  the Python documentation by scripts/train_demo.py (docs/TRAINED_DEMO.md), folded, q8_0 table.
+  `meki-gguf chat` with no model and the end of `meki-gguf demo` use it.
+- The pipeline check (`build()`): a small MeKi checkpoint built on the spot in the official
+  Megatron-LM layout, converted, and compared with the PyTorch reference. It is built once into the
 cache folder (`$MEKI_GGUF_CACHE`, else `$XDG_CACHE_HOME/meki-gguf`, else `~/.cache/meki-gguf`),
 deterministically: random weights (model.init_random, seed 0), written in the official
 Megatron-LM layout (checkpoint.save_megatron, Transformer Engine variant as in the released
 training script), converted by write_gguf with a small real BPE tokenizer and chat template.
-Its weights are random, so its text is gibberish: it shows the pipeline, not a language model.
-A trained model replaces it in one place: `default_model()` below.
+Its weights are random: it shows the pipeline, and the trained model shows the text.
 """
 from __future__ import annotations
 
@@ -27,6 +30,8 @@ N_TOKENS = 320
 SEED = 0
 PROMPT = "Once upon a time, a small model kept its memory on disk."
 NAME = "meki-demo-random.gguf"       # bump the name when CONFIG or the recipe changes
+EMBEDDED = Path(__file__).parent / "data" / "meki-demo.gguf"   # regenerate: scripts/train_demo.py --install
+CHAT_PROMPT = "How do I read a file line by line?"
 
 
 def cache_dir() -> Path:
@@ -40,7 +45,10 @@ def demo_dir() -> Path:
 
 
 def default_model(log=print) -> Path:
-    """The model `chat` uses when none is given, built on first use: the one place to change it."""
+    """The model `chat` uses when none is given: the one place to change it."""
+    if EMBEDDED.is_file():
+        return EMBEDDED
+    log(f"{EMBEDDED} is missing (run scripts/train_demo.py --install); using the random demo model")
     return build(log)
 
 

@@ -385,5 +385,7 @@ def test_cli_demo_then_chat_with_the_demo_model(tmp_path):
     err = float(re.search(r"max relative logit error (\S+)", r.stdout).group(1))
     assert err <= MAX_REL_ERR and "32/32 tokens identical" in r.stdout
     assert took < 60
-    r = run_cli("chat", "-n", 8, env=env, input="hi\n/exit\n")  # no MODEL: the demo model, built once
+    assert "> How do I read a file" in r.stdout                 # one turn with the trained model
+    r = run_cli("chat", "-n", 8, env=env, input="hi\n/exit\n")  # no MODEL: the embedded trained model
     assert r.returncode == 0 and "building" not in r.stderr, r.stderr
+    assert "meki-demo.gguf:" in r.stderr, r.stderr
