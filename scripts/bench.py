@@ -1,0 +1,427 @@
+#!/usr/bin/env python3
+"""MeKi vs its dense twin in the patched llama.cpp: speed, RAM and storage reads (a benchmark).
+
+    scripts/bench [--rounds N] [--write-docs]
+
+1. Writes synthetic random-weight twins at the paper's shapes straight as GGUF (meki_gguf/synth.py,
+   cached in build/bench/): MeKi-0.6B/1.7B and their dense twins (the same backbone without the
+   memory branch and table, as stock `qwen3` files; both with QK-norm), and a dense 4B; each with
+   a q8_0 and a q4_0 backbone, the MeKi table in q8_0.
+2. Speed, in one interleaved run on one build: llama-bench pp512 and tg128 of every model, one
+   repetition per call, the models of a pair back to back (order alternating between rounds), in
+   two modes: `warm` (the whole file read into the page cache first) and `cold` (the file evicted
+   from the page cache with posix_fadvise(DONTNEED) before each call; llama-bench's warm-up then
+   brings the backbone back, so what stays cold is the table: every random token's row is read
+   from storage). Ratios MeKi / dense twin per round, then their median; MeKi-1.7B / dense-4B.
+3. Memory and reads (one process per model, llama-cpp-python on the same libraries): file
+   evicted, model loaded, a 16-token prompt and 128 decode steps on new random tokens; RSS after
+   them, the table's resident pages (mincore) against the distinct tokens seen, and the bytes the
+   process read from storage (/proc/self/io) per new token.
+Results go to build/bench/results.json, the plot to docs/bench-ratios.png, the tables to stdout;
+--write-docs also replaces the generated part of docs/BENCHMARKS.md.
+"""
+from __future__ import annotations
+
+import argparse
+import ctypes
+import json
+import os
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from meki_gguf.quantize import llama_tool  # noqa: E402
+from meki_gguf.synth import SHAPES, meki_weight_bytes, write_model  # noqa: E402
+
+OUT = ROOT / "build" / "bench"
+VOCAB = ROOT / "build" / "src" / "models" / "ggml-vocab-qwen2.gguf"
+DOC = ROOT / "docs" / "BENCHMARKS.md"
+PLOT = ROOT / "docs" / "bench-ratios.png"
+BACKBONES = ("q8_0", "q4_0")
+PAIRS = (("meki-0.6b", "dense-0.6b"), ("meki-1.7b", "dense-1.7b"))
+PAGE = os.sysconf("SC_PAGESIZE")
+TARGETS = {"tg_warm": 0.98, "tg_cold": 0.95, "pp_warm": 0.97, "tg_1.7b_vs_4b": 2.2, "pages_per_token": 3}
+
+
+def log(msg: str) -> None:
+    print(f"[bench] {msg}", file=sys.stderr, flush=True)
+
+
+# --- models --------------------------------------------------------------------------------------
+
+def model_path(name: str, backbone: str) -> Path:
+    return OUT / f"{name}-{backbone}.gguf"
+
+
+def make_models(regenerate: bool) -> None:
+    kv = None
+    for bt in BACKBONES:
+        for name in ("meki-0.6b", "dense-0.6b", "meki-1.7b", "dense-1.7b", "dense-4b"):
+            p = model_path(name, bt)
+            if p.exists() and not regenerate:
+                continue
+            if kv is None:
+                from meki_gguf.tokenizer import tokenizer_kv
+                kv = tokenizer_kv(VOCAB, 151680)       # Qwen's vocab onto the paper's 151680 rows
+            shape = SHAPES.get(name) or SHAPES[name.replace("dense", "meki")].dense()
+            t = time.time()
+            write_model(shape, p, bt, "q8_0", tokenizer_kv=kv)
+            log(f"wrote {p.name} ({p.stat().st_size / 2**30:.2f} GiB) in {time.time() - t:.0f} s")
+
+
+# --- page cache ----------------------------------------------------------------------------------
+
+_libc = ctypes.CDLL(None, use_errno=True)
+_libc.mmap.restype = ctypes.c_void_p
+_libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_long]
+_libc.munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
+_libc.mincore.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_void_p]
+
+
+def evict(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+    finally:
+        os.close(fd)
+
+
+def warm(path: Path) -> None:
+    with open(path, "rb", buffering=0) as f:
+        buf = bytearray(16 << 20)
+        while f.readinto(buf):
+            pass
+
+
+class Residency:
+    """Which pages of a file range are in the page cache (mincore on our own mapping: it
+    touches nothing)."""
+
+    def __init__(self, path: Path, offset: int = 0, size: int | None = None):
+        self.fd = os.open(path, os.O_RDONLY)
+        self.size = os.fstat(self.fd).st_size
+        self.addr = _libc.mmap(None, self.size, 1, 1, self.fd, 0)          # PROT_READ, MAP_SHARED
+        if self.addr in (None, ctypes.c_void_p(-1).value):
+            raise OSError(ctypes.get_errno(), "mmap failed")
+        self.begin = offset // PAGE * PAGE
+        self.end = offset + (self.size - offset if size is None else size)
+        self.vec = (ctypes.c_ubyte * ((self.end - self.begin + PAGE - 1) // PAGE))()
+
+    def pages(self) -> int:
+        if _libc.mincore(ctypes.c_void_p(self.addr + self.begin), self.end - self.begin, self.vec):
+            raise OSError(ctypes.get_errno(), "mincore failed")
+        return sum(b & 1 for b in self.vec)
+
+    def close(self) -> None:
+        _libc.munmap(ctypes.c_void_p(self.addr), self.size)
+        os.close(self.fd)
+
+
+# --- speed ---------------------------------------------------------------------------------------
+
+def llama_bench(path: Path, threads: int, pp: int, tg: int, warmup: bool = True) -> dict:
+    """One llama-bench call, one repetition: {'pp'|'tg': t/s (wall clock), 'cpu': CPU seconds of
+    the whole process (load, warm-up and run), 'build': ...}."""
+    cmd = [str(llama_tool("llama-bench")), "-m", str(path), "-p", str(pp), "-n", str(tg), "-r", "1",
+           "-t", str(threads), "-o", "json"] + ([] if warmup else ["--no-warmup"])
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
+    p = subprocess.run(cmd, capture_output=True, text=True)
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    if p.returncode != 0:
+        raise SystemExit(f"llama-bench failed on {path.name}:\n{p.stderr[-2000:]}")
+    res = {"cpu": after.ru_utime + after.ru_stime - before.ru_utime - before.ru_stime}
+    for t in json.loads(p.stdout):
+        res["pp" if t["n_prompt"] else "tg"] = float(t["avg_ts"])
+        res["build"] = f"{t['build_commit']} ({t['build_number']})"
+    return res
+
+
+def measure(path: Path, threads: int, mode: str) -> dict:
+    """Wall-clock t/s from llama-bench, and CPU seconds per token: a call's CPU time less that of
+    a baseline call (load and one token), per token run (warm-up included). CPU time is what the
+    model costs whatever else the cores are doing; wall time is what a user waits."""
+    base = llama_bench(path, threads, 0, 1, warmup=False)
+    tg = llama_bench(path, threads, 0, 128)                          # warm-up 1 + 128 tokens
+    res = {"tg": tg["tg"], "tg_cpu": (tg["cpu"] - base["cpu"]) / 128, "build": tg["build"]}
+    if mode == "warm":
+        pp = llama_bench(path, threads, 512, 0)                      # warm-up 512 + 512 tokens
+        res.update(pp=pp["pp"], pp_cpu=(pp["cpu"] - base["cpu"]) / 1023)
+    return res
+
+
+def speed(rounds: int, threads: int) -> list[dict]:
+    """Interleaved runs; one row per (round, mode, backbone, model)."""
+    rows = []
+    for r in range(rounds):
+        for mode in ("warm", "cold"):
+            for bt in BACKBONES:
+                pairs = [p if r % 2 == 0 else p[::-1] for p in PAIRS]
+                order = [m for p in pairs for m in p] + (["dense-4b"] if mode == "warm" else [])
+                for name in order:
+                    path = model_path(name, bt)
+                    (warm if mode == "warm" else evict)(path)
+                    res = measure(path, threads, mode)
+                    rows.append({"round": r, "mode": mode, "backbone": bt, "model": name, **res})
+                    log(f"round {r} {mode:4} {bt} {name:10} pp512 {res.get('pp', 0):7.2f} t/s "
+                        f"({1e3 * res.get('pp_cpu', 0):6.2f} ms CPU/token)  tg128 {res['tg']:6.2f} t/s "
+                        f"({1e3 * res['tg_cpu']:6.1f} ms CPU/token)")
+    return rows
+
+
+def ratios(rows: list[dict]) -> dict:
+    """Speed ratios A / B per round (t/s ratio for wall clock, inverse CPU-time ratio for CPU),
+    then their median over the rounds; mean t/s per model."""
+    def get(r, mode, bt, name, key):
+        return next(x[key] for x in rows if (x["round"], x["mode"], x["backbone"], x["model"]) == (r, mode, bt, name))
+
+    def ratio(mode, bt, a, b, key):
+        rs = [(get(r, mode, bt, a, key) / get(r, mode, bt, b, key)) ** (-1 if key.endswith("_cpu") else 1)
+              for r in range(n)]
+        return {"median": statistics.median(rs), "rounds": rs}
+
+    n = 1 + max(x["round"] for x in rows)
+    out = {"tps": {}, "ratio": {}}
+    for x in rows:
+        d = out["tps"].setdefault(f"{x['mode']}/{x['backbone']}/{x['model']}", {})
+        for key in ("pp", "tg", "pp_cpu", "tg_cpu"):
+            if key in x:
+                d.setdefault(key, []).append(x[key])
+    for mode in ("warm", "cold"):
+        keys = ("pp", "tg", "pp_cpu", "tg_cpu") if mode == "warm" else ("tg", "tg_cpu")
+        for bt in BACKBONES:
+            for meki, dense in PAIRS:
+                for key in keys:
+                    out["ratio"][f"{mode}/{bt}/{meki}/{key}"] = ratio(mode, bt, meki, dense, key)
+            if mode == "warm":
+                for key in keys:
+                    out["ratio"][f"warm/{bt}/meki-1.7b_vs_dense-4b/{key}"] = ratio(mode, bt, "meki-1.7b", "dense-4b", key)
+    return out
+
+
+# --- memory and storage reads -------------------------------------------------------------------
+
+def probe(path: Path, threads: int, n_gen: int = 128, n_prompt: int = 16, seed: int = 0) -> dict:
+    """Run in a fresh process (--probe): file evicted, load, prompt, n_gen decode steps on new
+    random tokens. RSS, the table's resident pages and storage reads per step."""
+    import gguf
+    import numpy as np
+    from llama_cpp import Llama
+
+    r = gguf.GGUFReader(path)
+    table = next((t for t in r.tensors if t.name == "meki_mem.weight"), None)
+    n_vocab = len(r.fields["tokenizer.ggml.tokens"].data)
+    del r
+    evict(path)
+    res = Residency(path, table.data_offset, int(table.n_bytes)) if table is not None else None
+    llm = Llama(str(path), n_ctx=n_prompt + n_gen + 8, n_batch=512, n_threads=threads, n_threads_batch=threads,
+                verbose=False)
+    toks = np.random.default_rng(seed).permutation(n_vocab)[: n_prompt + n_gen].tolist()   # all distinct
+    llm.eval(toks[:n_prompt])                                                # warms the backbone up
+    steps = []
+    read0, pages0 = _read_bytes(), res.pages() if res else 0
+    for i in range(n_gen):
+        llm.eval([toks[n_prompt + i]])
+        steps.append({"distinct_tokens": n_prompt + i + 1, "read_bytes": _read_bytes() - read0,
+                      "table_pages": (res.pages() if res else 0)})
+    status = dict(ln.split(":", 1) for ln in Path("/proc/self/status").read_text().splitlines() if ":" in ln)
+    kib = {k: int(status[k].split()[0]) for k in ("VmRSS", "RssAnon", "RssFile", "VmHWM")}
+    out = {"model": path.name, "rss_kib": kib, "steps": steps, "table_pages_before_gen": pages0,
+           "table_pages_total": (res.end - res.begin) // PAGE if res else 0,
+           "read_pages_per_token": (_read_bytes() - read0) / PAGE / n_gen,
+           "table_pages_per_token": ((res.pages() - pages0) / n_gen) if res else 0.0,
+           "row_bytes": int(table.n_bytes) // int(table.shape[1]) if table is not None else 0}
+    if res:
+        res.close()
+    return out
+
+
+def _read_bytes() -> int:
+    return int(next(ln.split()[1] for ln in Path("/proc/self/io").read_text().splitlines() if ln.startswith("read_bytes")))
+
+
+def probes(threads: int) -> list[dict]:
+    out = []
+    for bt in BACKBONES:
+        for meki, dense in PAIRS:
+            for name in (meki, dense):
+                p = subprocess.run([sys.executable, __file__, "--probe", str(model_path(name, bt)), "-t", str(threads)],
+                                   capture_output=True, text=True)
+                if p.returncode != 0:
+                    raise SystemExit(f"probe failed on {name}-{bt}:\n{p.stderr[-2000:]}")
+                d = json.loads(p.stdout.strip().splitlines()[-1])
+                d.update(backbone=bt, name=name, weights=meki_weight_bytes(model_path(name, bt)))
+                out.append(d)
+                log(f"probe {name}-{bt}: RSS {d['rss_kib']['VmRSS'] / 1024:.0f} MiB, "
+                    f"{d['read_pages_per_token']:.2f} pages read / token, "
+                    f"{d['table_pages_per_token']:.2f} table pages / token")
+    return out
+
+
+# --- report --------------------------------------------------------------------------------------
+
+def machine() -> dict:
+    lscpu = subprocess.run(["lscpu"], capture_output=True, text=True).stdout
+    info = dict(ln.split(":", 1) for ln in lscpu.splitlines() if ":" in ln)
+    flags = info.get("Flags", "")
+    mem = next(int(ln.split()[1]) for ln in Path("/proc/meminfo").read_text().splitlines() if ln.startswith("MemTotal"))
+    return {"cpu": info.get("Model name", "?").strip(), "cores": os.cpu_count(),
+            "isa": " ".join(f for f in ("avx2", "avx512f", "avx512_vnni", "amx_int8") if f in flags.split()),
+            "ram_gib": round(mem / 2**20, 1), "kernel": platform.release(),
+            "disk": subprocess.run(["df", "-h", "--output=source,size", str(OUT)], capture_output=True,
+                                   text=True).stdout.split("\n")[1].strip()}
+
+
+def report(res: dict) -> str:
+    sp, pr, mc = res["speed"], res["probe"], res["machine"]
+
+    def f(x, fmt):
+        return "" if x is None else format(x, fmt)
+
+    def med(key):
+        return sp["ratio"].get(key, {}).get("median")
+
+    L = [f"Machine: {mc['cpu']}, {mc['cores']} cores ({mc['isa']}), {mc['ram_gib']} GiB RAM, Linux "
+         f"{mc['kernel']}, disk {mc['disk']}. llama.cpp build {res['build']}, {res['threads']} thread(s) per run, "
+         f"{res['rounds']} interleaved rounds; ratios are per round, then the median. Other work shared the "
+         f"cores: wall-clock t/s (llama-bench's) swing with it; CPU time per token (the llama-bench process's "
+         f"user+sys, less a load-and-one-token baseline) does much less.\n",
+         "| backbone | model | mode | pp512 t/s | tg128 t/s | pp ms CPU/token | tg ms CPU/token | "
+         "pp MeKi/dense (wall, CPU) | tg MeKi/dense (wall, CPU) |",
+         "|---|---|---|---:|---:|---:|---:|---:|---:|"]
+    for bt in BACKBONES:
+        for mode in ("warm", "cold"):
+            for meki, dense in PAIRS:
+                for name in (meki, dense):
+                    t = sp["tps"][f"{mode}/{bt}/{name}"]
+                    m = lambda k: statistics.mean(t[k]) if k in t else None  # noqa: E731
+                    rp = (med(f"{mode}/{bt}/{name}/pp"), med(f"{mode}/{bt}/{name}/pp_cpu"))
+                    rt = (med(f"{mode}/{bt}/{name}/tg"), med(f"{mode}/{bt}/{name}/tg_cpu"))
+                    L.append(f"| {bt} | {name} | {mode} | {f(m('pp'), '.1f')} | {f(m('tg'), '.2f')} | "
+                             f"{f(m('pp_cpu') and 1e3 * m('pp_cpu'), '.2f')} | {f(m('tg_cpu') and 1e3 * m('tg_cpu'), '.1f')} | "
+                             f"{'' if rp[0] is None else f'{rp[0]:.3f}, {rp[1]:.3f}'} | "
+                             f"{'' if rt[0] is None else f'{rt[0]:.3f}, {rt[1]:.3f}'} |")
+        t = sp["tps"][f"warm/{bt}/dense-4b"]
+        k = f"warm/{bt}/meki-1.7b_vs_dense-4b/"
+        L.append(f"| {bt} | dense-4b | warm | {statistics.mean(t['pp']):.1f} | {statistics.mean(t['tg']):.2f} | "
+                 f"{1e3 * statistics.mean(t['pp_cpu']):.2f} | {1e3 * statistics.mean(t['tg_cpu']):.1f} | "
+                 f"MeKi-1.7B/4B {med(k + 'pp'):.2f}x, {med(k + 'pp_cpu'):.2f}x | "
+                 f"MeKi-1.7B/4B {med(k + 'tg'):.2f}x, {med(k + 'tg_cpu'):.2f}x |")
+    L += ["", "| backbone | model | RSS after 128 tokens (anon + file) | RSS MeKi - dense | MeKi in-RAM weights "
+          "(+ 32 MiB) | table row | pages read / new token | table pages / new token |",
+          "|---|---|---:|---:|---:|---:|---:|---:|"]
+    by = {(d["backbone"], d["name"]): d for d in pr}
+    for bt in BACKBONES:
+        for meki, dense in PAIRS:
+            for name in (meki, dense):
+                a, b = by[(bt, name)], by[(bt, dense)]
+                rss = a["rss_kib"]
+                line = (f"| {bt} | {name} | {rss['VmRSS'] / 1024:.0f} MiB ({rss['RssAnon'] / 1024:.0f} + "
+                        f"{rss['RssFile'] / 1024:.0f}) | ")
+                if name == meki:
+                    diff = (rss["VmRSS"] - b["rss_kib"]["VmRSS"]) / 1024
+                    w = a["weights"]["branch"] / 2**20
+                    line += (f"{diff:+.1f} MiB | {w:.1f} MiB ({w + 32:.1f}) | {a['row_bytes']} B | "
+                             f"{a['read_pages_per_token']:.2f} | {a['table_pages_per_token']:.2f} |")
+                else:
+                    line += f" | | | {a['read_pages_per_token']:.2f} | |"
+                L.append(line)
+    return "\n".join(L)
+
+
+def plot(res: dict) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    sp = res["speed"]["ratio"]
+    fig, (ax, ax2) = plt.subplots(1, 2, figsize=(14, 5), gridspec_kw={"width_ratios": [3.2, 1]})
+    labels, wall, cpu, targets = [], [], [], []
+    for bt in BACKBONES:
+        for meki, _ in PAIRS:
+            for mode, t, tgt in (("warm", "pp", 0.97), ("warm", "tg", 0.98), ("cold", "tg", 0.95)):
+                key = f"{mode}/{bt}/{meki}/{t}"
+                labels.append(f"{meki[5:]} {bt}\n{t} {mode}")
+                wall.append(sp[key]["median"])
+                cpu.append(sp[key + "_cpu"]["median"])
+                targets.append(tgt)
+    x = range(len(labels))
+    ax.bar([i - 0.2 for i in x], wall, 0.4, label="wall clock (llama-bench t/s)", color="tab:blue")
+    ax.bar([i + 0.2 for i in x], cpu, 0.4, label="CPU time per token", color="tab:green")
+    for i, tgt in enumerate(targets):
+        ax.plot([i - 0.45, i + 0.45], [tgt, tgt], color="k", lw=1.2)
+    for i in x:
+        ax.text(i - 0.2, wall[i] + 0.004, f"{wall[i]:.3f}", ha="center", fontsize=6, rotation=90, va="bottom")
+        ax.text(i + 0.2, cpu[i] + 0.004, f"{cpu[i]:.3f}", ha="center", fontsize=6, rotation=90, va="bottom")
+    ax.set_xticks(list(x), labels, fontsize=7)
+    lo, hi = min(wall + cpu + [0.9]), max(wall + cpu + [1.05])
+    ax.set_ylim(lo - 0.03, hi + 0.06)
+    ax.set_ylabel("speed ratio MeKi / dense twin")
+    ax.set_title("MeKi vs its dense twin (black: target)")
+    ax.legend(fontsize=8, loc="lower left")
+    w4 = [sp[f"warm/{bt}/meki-1.7b_vs_dense-4b/tg"]["median"] for bt in BACKBONES]
+    c4 = [sp[f"warm/{bt}/meki-1.7b_vs_dense-4b/tg_cpu"]["median"] for bt in BACKBONES]
+    ax2.bar([i - 0.2 for i in range(2)], w4, 0.4, color="tab:blue")
+    ax2.bar([i + 0.2 for i in range(2)], c4, 0.4, color="tab:green")
+    ax2.axhline(2.2, color="k", lw=1.2)
+    for i in range(2):
+        ax2.text(i - 0.2, w4[i] + 0.02, f"{w4[i]:.2f}x", ha="center", fontsize=8)
+        ax2.text(i + 0.2, c4[i] + 0.02, f"{c4[i]:.2f}x", ha="center", fontsize=8)
+    ax2.set_xticks(range(2), [f"tg128 {bt}" for bt in BACKBONES])
+    ax2.set_title("MeKi-1.7B / dense-4B decode (target 2.2x)", fontsize=10)
+    fig.tight_layout()
+    PLOT.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(PLOT, dpi=110)
+
+
+def write_docs(text: str) -> None:
+    begin, end = "<!-- bench:begin (generated by scripts/bench --write-docs) -->", "<!-- bench:end -->"
+    doc = DOC.read_text() if DOC.exists() else f"# Benchmarks\n\n{begin}\n{end}\n"
+    i, j = doc.index(begin) + len(begin), doc.index(end)
+    DOC.write_text(doc[:i] + "\n" + text + "\n" + doc[j:])
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--rounds", type=int, default=3, help="interleaved rounds (default 3)")
+    ap.add_argument("-t", "--threads", type=int, default=1,
+                    help="threads per run (default 1: with other work on the cores, ggml's spinning "
+                         "barriers make multi-thread timings swing by 5x; use the core count on a quiet machine)")
+    ap.add_argument("--regenerate", action="store_true", help="rewrite the cached synthetic models")
+    ap.add_argument("--write-docs", action="store_true", help="update docs/BENCHMARKS.md and its plot")
+    ap.add_argument("--skip-speed", action="store_true", help="reuse the speed results of the last run")
+    ap.add_argument("--probe", type=Path, help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.probe:
+        print(json.dumps(probe(args.probe, args.threads)))
+        return
+
+    OUT.mkdir(parents=True, exist_ok=True)
+    make_models(args.regenerate)
+    res_file = OUT / "results.json"
+    if args.skip_speed:
+        res = json.loads(res_file.read_text())
+    else:
+        rows = speed(args.rounds, args.threads)
+        res = {"rows": rows, "speed": ratios(rows), "rounds": args.rounds, "threads": args.threads,
+               "build": rows[0]["build"]}
+    res["probe"] = probes(args.threads)
+    res["machine"] = machine()
+    res_file.write_text(json.dumps(res, indent=1))
+    text = report(res)
+    print(text)
+    plot(res)
+    if args.write_docs:
+        write_docs(text)
+    log(f"results in {res_file.relative_to(ROOT)}, plot in {PLOT.relative_to(ROOT)}")
+
+
+if __name__ == "__main__":
+    main()
