@@ -5,6 +5,7 @@ Every user-facing problem (MekiError, a usage error, an OS error, Ctrl-C) ends a
 """
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 
@@ -71,6 +72,9 @@ def convert(src: Path, out: Path, outtype: str, table_type: str, tokenizer: Path
     the table (T_l = alpha * RMSNorm(M_l + beta * G_l(E)), every layer, every token), then
     rounded to --table-type once.
     """
+    # the fold is many mid-sized ops: OpenMP threads spinning between them starve each other on a
+    # small loaded machine (2.3-3.5x slower, docs/BENCHMARKS.md). Read once, when torch loads.
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     from .checkpoint import load_checkpoint
     from .write import OUT_TYPES, TABLE_TYPES, parse_type, write_gguf
 
