@@ -174,10 +174,15 @@ punctuation: commas, periods. Questions? Answers! It's, I'm, you're, we've, they
 
 
 def tiny_tokenizer_dir(out_dir: str | Path, n_tokens: int = 320) -> Path:
-    """Write a small byte-level BPE tokenizer (Hugging Face format, Qwen2/3 pre-tokenizer,
-    ChatML special tokens and chat template) to out_dir and return it. It has n_tokens
-    tokens (256 bytes, merges learnt from a fixed text, then 3 special tokens last as in Qwen),
-    converts with llama.cpp's code to pre "qwen2", and llama.cpp tokenizes with it."""
+    """A small tokenizer for tests and the demo: `train_bpe_dir` on a fixed text."""
+    return train_bpe_dir([_CORPUS] * 4, out_dir, n_tokens)
+
+
+def train_bpe_dir(texts: list[str], out_dir: str | Path, n_tokens: int) -> Path:
+    """Train a byte-level BPE tokenizer on `texts` and write it (Hugging Face format, Qwen2/3
+    pre-tokenizer, ChatML special tokens and chat template) to out_dir. It has n_tokens tokens
+    (256 bytes, the merges learnt, then 3 special tokens last as in Qwen), converts with
+    llama.cpp's code to pre "qwen2", and llama.cpp tokenizes with it."""
     from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
@@ -191,10 +196,10 @@ def tiny_tokenizer_dir(out_dir: str | Path, n_tokens: int = 320) -> Path:
     tok.decoder = decoders.ByteLevel(add_prefix_space=False, trim_offsets=False, use_regex=False)
     trainer = trainers.BpeTrainer(vocab_size=n_tokens - len(specials), show_progress=False,
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    tok.train_from_iterator([_CORPUS] * 4, trainer)
+    tok.train_from_iterator(texts, trainer)
     tok.add_special_tokens(specials)
     if tok.get_vocab_size() != n_tokens:
-        raise ValueError(f"tiny tokenizer: the corpus gives {tok.get_vocab_size()} tokens, not {n_tokens}")
+        raise ValueError(f"BPE tokenizer: the texts give {tok.get_vocab_size()} tokens, not {n_tokens}")
 
     # Qwen's conventions: no BOS is added, <|endoftext|> is BOS and padding, <|im_end|> ends a turn
     hf = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<|endoftext|>", eos_token="<|im_end|>",
@@ -204,5 +209,5 @@ def tiny_tokenizer_dir(out_dir: str | Path, n_tokens: int = 320) -> Path:
     out_dir = Path(out_dir)
     hf.save_pretrained(out_dir)
     if json.loads((out_dir / "tokenizer.json").read_text(encoding="utf-8"))["pre_tokenizer"] != QWEN2_PRE_TOKENIZER:
-        raise AssertionError("tiny tokenizer: tokenizers serialized the pre-tokenizer differently")
+        raise AssertionError("BPE tokenizer: the pre-tokenizer serialized differently: llama.cpp would not recognize it")
     return out_dir

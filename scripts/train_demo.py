@@ -56,7 +56,6 @@ PACKAGE, PACKAGE_VERSION = "python3.11-doc", "3.11.2-6+deb12u9"
 LICENSE = "PSF License Agreement (Python documentation; Debian copyright file of python3.11-doc)"
 HTML_ROOT = "usr/share/doc/python3.11/html"
 SKIP = re.compile(r"^(genindex|py-modindex|search|_static|_sources|_images|_downloads)")
-SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
 HELDOUT_FRAC = 0.05
 
 
@@ -156,32 +155,8 @@ def split(docs, seed: int):
 # --- 2. tokenizer ------------------------------------------------------------------------------
 
 def train_tokenizer(texts: list[str], out_dir: Path, n_tokens: int) -> Path:
-    """meki_gguf.tokenizer.tiny_tokenizer_dir's recipe, trained on `texts`."""
-    from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
-
-    from meki_gguf.tokenizer import CHATML_TEMPLATE, QWEN2_PRE_TOKENIZER
-
-    split_def, _ = QWEN2_PRE_TOKENIZER["pretokenizers"]
-    tok = Tokenizer(models.BPE())
-    tok.normalizer = normalizers.NFC()
-    tok.pre_tokenizer = pre_tokenizers.Sequence([
-        pre_tokenizers.Split(Regex(split_def["pattern"]["Regex"]), behavior="isolated", invert=False),
-        pre_tokenizers.ByteLevel(add_prefix_space=False, trim_offsets=False, use_regex=False)])
-    tok.decoder = decoders.ByteLevel(add_prefix_space=False, trim_offsets=False, use_regex=False)
-    trainer = trainers.BpeTrainer(vocab_size=n_tokens - len(SPECIALS), show_progress=False,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    tok.train_from_iterator(texts, trainer)
-    tok.add_special_tokens(SPECIALS)
-    assert tok.get_vocab_size() == n_tokens, tok.get_vocab_size()
-    hf = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<|endoftext|>", eos_token="<|im_end|>",
-                                 pad_token="<|endoftext|>", add_bos_token=False,
-                                 clean_up_tokenization_spaces=False, model_max_length=4096)
-    hf.chat_template = CHATML_TEMPLATE
-    hf.save_pretrained(out_dir)
-    if json.loads((out_dir / "tokenizer.json").read_text(encoding="utf-8"))["pre_tokenizer"] != QWEN2_PRE_TOKENIZER:
-        raise AssertionError("the pre-tokenizer serialized differently: llama.cpp would not recognize it")
-    return out_dir
+    from meki_gguf.tokenizer import train_bpe_dir
+    return train_bpe_dir(texts, out_dir, n_tokens)
 
 
 def encode(tok_dir: Path, docs) -> np.ndarray:
