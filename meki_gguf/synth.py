@@ -7,8 +7,6 @@ straight into the file. A 4 GB model is written in about as long as the disk tak
 """
 from __future__ import annotations
 
-import os
-import uuid
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -17,6 +15,8 @@ import numpy as np
 from gguf import GGMLQuantizationType as Q
 
 from .errors import MekiError
+from .model import MekiConfig
+from .write import add_hparams, write_atomic
 
 
 @dataclass(frozen=True)
@@ -33,6 +33,11 @@ class Shape:
 
     def dense(self) -> "Shape":
         return replace(self, name=self.name.replace("meki", "dense"), m=0)
+
+    def config(self) -> MekiConfig:
+        return MekiConfig(vocab_size=self.vocab, n_layer=self.n_layer, d_model=self.d, d_mem=self.m,
+                          d_ff=self.ff, n_head=self.n_head, n_kv_head=self.n_kv_head,
+                          head_dim=self.head_dim, max_seq_len=40960)
 
 
 # the paper's models (../shared/MEKI.md); the dense 4B is the quality match of MeKi-1.7B
@@ -96,19 +101,7 @@ def write_model(shape: Shape, out: Path, backbone: str = "q8_0", table: str = "q
     w.add_name(f"synthetic {s.name} {backbone}")
     w.add_file_type(_FTYPE[bt])
     w.add_quantization_version(gguf.GGML_QUANT_VERSION)
-    w.add_context_length(40960)
-    w.add_embedding_length(s.d)
-    w.add_block_count(s.n_layer)
-    w.add_feed_forward_length(s.ff)
-    w.add_head_count(s.n_head)
-    w.add_head_count_kv(s.n_kv_head)
-    w.add_key_length(s.head_dim)
-    w.add_value_length(s.head_dim)
-    w.add_layer_norm_rms_eps(1e-6)
-    w.add_rope_freq_base(500000.0)
-    if s.m:
-        w.add_embedding_length_per_layer_input(s.m)
-        w.add_bool("meki.memory.gate_on_residual", False)
+    add_hparams(w, s.config())
     for k, v in (tokenizer_kv or {}).items():
         w.add_key_value(k, v.value, v.type, v.sub_type)
 
@@ -140,18 +133,7 @@ def write_model(shape: Shape, out: Path, backbone: str = "q8_0", table: str = "q
     if s.m:
         add("meki_mem.weight", (s.vocab, s.n_layer * s.m), tt, 1.0)
 
-    out = Path(out)
-    tmp = out.parent / f".{out.name}.{uuid.uuid4().hex[:8]}.tmp"
-    try:
-        w.write_header_to_file(tmp)
-        w.write_kv_data_to_file()
-        w.write_tensors_to_file()
-        w.close()
-        os.replace(tmp, out)
-    except BaseException:
-        w.close()
-        tmp.unlink(missing_ok=True)
-        raise
+    write_atomic(w, Path(out))
     return out
 
 

@@ -159,18 +159,7 @@ def write_gguf(ckpt, out_path: str | Path, outtype: str = "f16", table_type: str
     w.add_name(source_dir(ckpt.path).name)
     w.add_file_type(OUT_TYPES[outtype.lower()])
     w.add_quantization_version(gguf.GGML_QUANT_VERSION)
-    w.add_context_length(c.max_seq_len)
-    w.add_embedding_length(c.d_model)
-    w.add_block_count(c.n_layer)
-    w.add_feed_forward_length(c.d_ff)
-    w.add_head_count(c.n_head)
-    w.add_head_count_kv(c.n_kv_head)
-    w.add_key_length(c.head_dim)
-    w.add_value_length(c.head_dim)
-    w.add_layer_norm_rms_eps(c.norm_eps)
-    w.add_rope_freq_base(c.rope_theta)
-    w.add_embedding_length_per_layer_input(c.d_mem)
-    w.add_bool(f"{ARCH}.memory.gate_on_residual", c.gate_on_residual)
+    add_hparams(w, c)
     for k, v in tok_kv.items():
         w.add_key_value(k, v.value, v.type, v.sub_type)
 
@@ -182,6 +171,31 @@ def write_gguf(ckpt, out_path: str | Path, outtype: str = "f16", table_type: str
     table = lambda: fold_chunks(c, tensors, chunk=chunk, dtype=fold_dtype, progress=progress)  # noqa: E731
     w.add_tensor(TABLE, _Deferred((c.vocab_size, c.n_layer * c.d_mem), ttype, table), raw_dtype=ttype)
 
+    write_atomic(w, out)
+    return out
+
+
+def add_hparams(w: gguf.GGUFWriter, c) -> None:
+    """The model's hyperparameters (a MekiConfig) as llama.cpp keys of w's architecture; the
+    MeKi keys too when that architecture is MeKi (a dense twin is written as a stock one)."""
+    w.add_context_length(c.max_seq_len)
+    w.add_embedding_length(c.d_model)
+    w.add_block_count(c.n_layer)
+    w.add_feed_forward_length(c.d_ff)
+    w.add_head_count(c.n_head)
+    w.add_head_count_kv(c.n_kv_head)
+    w.add_key_length(c.head_dim)
+    w.add_value_length(c.head_dim)
+    w.add_layer_norm_rms_eps(c.norm_eps)
+    w.add_rope_freq_base(c.rope_theta)
+    if w.arch == ARCH:
+        w.add_embedding_length_per_layer_input(c.d_mem)
+        w.add_bool(f"{ARCH}.memory.gate_on_residual", c.gate_on_residual)
+
+
+def write_atomic(w: gguf.GGUFWriter, out: Path) -> None:
+    """Write w's file to `out` atomically: a temp file in the same folder, then os.replace; on any
+    error or Ctrl-C the temp file is removed, and a previous `out` is left as it was."""
     tmp = out.parent / f".{out.name}.{uuid.uuid4().hex[:8]}.tmp"
     try:
         w.write_header_to_file(tmp)
@@ -191,8 +205,7 @@ def write_gguf(ckpt, out_path: str | Path, outtype: str = "f16", table_type: str
         os.fsync(w.fout[0].fileno())
         w.close()
         os.replace(tmp, out)
-    except BaseException:                                    # incl. KeyboardInterrupt: leave no partial file
+    except BaseException:
         w.close()
         tmp.unlink(missing_ok=True)
         raise
-    return out

@@ -269,35 +269,20 @@ def write_dense_qwen2(dense_sd: dict, c: MekiConfig, tok_dir: Path, path: Path, 
     import gguf
 
     from meki_gguf.tokenizer import tokenizer_kv
-    from meki_gguf.write import _BLOCK, _GLOBAL
+    from meki_gguf.write import add_hparams, gguf_name, write_atomic
 
     assert c.n_head * c.head_dim == c.d_model and not c.qk_norm, "qwen2 needs n_head*head_dim == d, no QK-norm"
-    w = gguf.GGUFWriter(str(path), "qwen2")
+    w = gguf.GGUFWriter(None, "qwen2")
     w.add_name(name)
     w.add_file_type(gguf.LlamaFileType.MOSTLY_F16)
     w.add_quantization_version(gguf.GGML_QUANT_VERSION)
-    w.add_context_length(c.max_seq_len)
-    w.add_embedding_length(c.d_model)
-    w.add_block_count(c.n_layer)
-    w.add_feed_forward_length(c.d_ff)
-    w.add_head_count(c.n_head)
-    w.add_head_count_kv(c.n_kv_head)
-    w.add_layer_norm_rms_eps(c.norm_eps)
-    w.add_rope_freq_base(c.rope_theta)
+    add_hparams(w, c)
     for k, v in tokenizer_kv(tok_dir, c.vocab_size).items():
         w.add_key_value(k, v.value, v.type, v.sub_type)
     for k, t in dense_sd.items():
-        if k in _GLOBAL:
-            g = _GLOBAL[k]
-        else:
-            _, _, i, rest = k.split(".", 3)
-            g = f"blk.{i}.{_BLOCK[rest]}"
         a = t.detach().float().numpy()
-        w.add_tensor(g, a.astype(np.float16) if a.ndim == 2 else a)
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_tensors_to_file()
-    w.close()
+        w.add_tensor(gguf_name(k), a.astype(np.float16) if a.ndim == 2 else a)
+    write_atomic(w, path)
     return path
 
 
