@@ -195,7 +195,8 @@ def ratios(rows: list[dict]) -> dict:
             if key in x:
                 d.setdefault(key, []).append(x[key])
     for mode in ("warm", "cold"):
-        keys = ("pp", "tg", "pp_cpu", "tg_cpu") if mode == "warm" else ("tg", "tg_cpu")
+        # cold: the baseline call re-reads the evicted backbone, so CPU time per token does not compare
+        keys = ("pp", "tg", "pp_cpu", "tg_cpu") if mode == "warm" else ("tg",)
         for bt in BACKBONES:
             for meki, dense in PAIRS:
                 for key in keys:
@@ -289,10 +290,10 @@ def report(res: dict) -> str:
         return sp["ratio"].get(key, {}).get("median")
 
     L = [f"Machine: {mc['cpu']}, {mc['cores']} cores ({mc['isa']}), {mc['ram_gib']} GiB RAM, Linux "
-         f"{mc['kernel']}, disk {mc['disk']}. llama.cpp build {res['build']}, {res['threads']} thread(s) per run, "
+         f"{mc['kernel']}, disk {' '.join(mc['disk'].split())}. llama.cpp build {res['build']}, {res['threads']} thread(s) per run, "
          f"{res['rounds']} interleaved rounds; ratios are per round, then the median. Other work shared the "
          f"cores: wall-clock t/s (llama-bench's) swing with it; CPU time per token (the llama-bench process's "
-         f"user+sys, less a load-and-one-token baseline) does much less.\n",
+         f"user+sys, less a load-and-one-token baseline; warm runs only) does much less.\n",
          "| backbone | model | mode | pp512 t/s | tg128 t/s | pp ms CPU/token | tg ms CPU/token | "
          "pp MeKi/dense (wall, CPU) | tg MeKi/dense (wall, CPU) |",
          "|---|---|---|---:|---:|---:|---:|---:|---:|"]
@@ -305,9 +306,10 @@ def report(res: dict) -> str:
                     rp = (med(f"{mode}/{bt}/{name}/pp"), med(f"{mode}/{bt}/{name}/pp_cpu"))
                     rt = (med(f"{mode}/{bt}/{name}/tg"), med(f"{mode}/{bt}/{name}/tg_cpu"))
                     L.append(f"| {bt} | {name} | {mode} | {f(m('pp'), '.1f')} | {f(m('tg'), '.2f')} | "
-                             f"{f(m('pp_cpu') and 1e3 * m('pp_cpu'), '.2f')} | {f(m('tg_cpu') and 1e3 * m('tg_cpu'), '.1f')} | "
+                             f"{f(m('pp_cpu') and 1e3 * m('pp_cpu'), '.2f')} | "
+                             f"{f(m('tg_cpu') and 1e3 * m('tg_cpu'), '.1f') if mode == 'warm' else ''} | "
                              f"{'' if rp[0] is None else f'{rp[0]:.3f}, {rp[1]:.3f}'} | "
-                             f"{'' if rt[0] is None else f'{rt[0]:.3f}, {rt[1]:.3f}'} |")
+                             f"{'' if rt[0] is None else f'{rt[0]:.3f}' + ('' if rt[1] is None else f', {rt[1]:.3f}')} |")
         t = sp["tps"][f"warm/{bt}/dense-4b"]
         k = f"warm/{bt}/meki-1.7b_vs_dense-4b/"
         L.append(f"| {bt} | dense-4b | warm | {statistics.mean(t['pp']):.1f} | {statistics.mean(t['tg']):.2f} | "
@@ -350,18 +352,19 @@ def plot(res: dict) -> None:
                 key = f"{mode}/{bt}/{meki}/{t}"
                 labels.append(f"{meki[5:]} {bt}\n{t} {mode}")
                 wall.append(sp[key]["median"])
-                cpu.append(sp[key + "_cpu"]["median"])
+                cpu.append(sp[key + "_cpu"]["median"] if key + "_cpu" in sp else 0.0)
                 targets.append(tgt)
     x = range(len(labels))
     ax.bar([i - 0.2 for i in x], wall, 0.4, label="wall clock (llama-bench t/s)", color="tab:blue")
-    ax.bar([i + 0.2 for i in x], cpu, 0.4, label="CPU time per token", color="tab:green")
+    ax.bar([i + 0.2 for i in x], cpu, 0.4, label="CPU time per token (warm)", color="tab:green")
     for i, tgt in enumerate(targets):
         ax.plot([i - 0.45, i + 0.45], [tgt, tgt], color="k", lw=1.2)
     for i in x:
         ax.text(i - 0.2, wall[i] + 0.004, f"{wall[i]:.3f}", ha="center", fontsize=6, rotation=90, va="bottom")
-        ax.text(i + 0.2, cpu[i] + 0.004, f"{cpu[i]:.3f}", ha="center", fontsize=6, rotation=90, va="bottom")
+        if cpu[i]:
+            ax.text(i + 0.2, cpu[i] + 0.004, f"{cpu[i]:.3f}", ha="center", fontsize=6, rotation=90, va="bottom")
     ax.set_xticks(list(x), labels, fontsize=7)
-    lo, hi = min(wall + cpu + [0.9]), max(wall + cpu + [1.05])
+    lo, hi = min(wall + [c for c in cpu if c] + [0.9]), max(wall + cpu + [1.05])
     ax.set_ylim(lo - 0.03, hi + 0.06)
     ax.set_ylabel("speed ratio MeKi / dense twin")
     ax.set_title("MeKi vs its dense twin (black: target)")
@@ -408,6 +411,7 @@ def main() -> None:
     res_file = OUT / "results.json"
     if args.skip_speed:
         res = json.loads(res_file.read_text())
+        res["speed"] = ratios(res["rows"])
     else:
         rows = speed(args.rounds, args.threads)
         res = {"rows": rows, "speed": ratios(rows), "rounds": args.rounds, "threads": args.threads,
