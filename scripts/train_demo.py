@@ -298,10 +298,10 @@ def check_gguf(path: Path, model, ids: list[int]) -> dict:
     m = copy.deepcopy(model).double().eval()
     with torch.no_grad():
         ref = m(torch.tensor([ids]))[0].numpy()
-    lp, lq = torch.log_softmax(torch.from_numpy(ref), -1), torch.log_softmax(torch.from_numpy(got), -1)
+    from meki_gguf.parity import kl, rel_err
     return {"top1": float((got.argmax(-1) == ref.argmax(-1)).mean()),
-            "mean_kl": float((lp.exp() * (lp - lq)).sum(-1).mean()),
-            "max_rel_err": float((np.abs(got - ref).max(-1) / np.abs(ref).max(-1)).max())}
+            "mean_kl": float(kl(ref, got).mean()),
+            "max_rel_err": float(rel_err(got, ref).max())}
 
 
 # --- 5. bench ----------------------------------------------------------------------------------
