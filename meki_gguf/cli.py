@@ -119,15 +119,9 @@ def inspect(file: Path):
     memory budget (weights held in RAM vs the table read row by row from disk)."""
     import gguf
 
-    try:
-        r = gguf.GGUFReader(file)
-    except Exception:                                       # bad magic, truncated, ...
-        raise MekiError(f"{file}: not a GGUF file") from None
-    kv = {k: f.contents() for k, f in r.fields.items() if not k.startswith("tokenizer.ggml.")
-          or k in ("tokenizer.ggml.model", "tokenizer.ggml.pre")}
-    arch = kv.get("general.architecture")
-    if arch != "meki":
-        raise MekiError(f"{file}: a {arch!r} GGUF, not a MeKi one (general.architecture is not 'meki')")
+    from .runtime import read_header
+
+    kv, tensors = read_header(file, meki=True)
 
     def key(name):
         if f"meki.{name}" not in kv:
@@ -135,18 +129,17 @@ def inspect(file: Path):
         return kv[f"meki.{name}"]
 
     L, d, m = key("block_count"), key("embedding_length"), key("embedding_length_per_layer_input")
-    tensors = {t.name: t for t in r.tensors}
     table = tensors.get("meki_mem.weight")
     if table is None:
         raise MekiError(f"{file}: MeKi GGUF without the table meki_mem.weight")
-    n_tok = len(r.fields["tokenizer.ggml.tokens"].data) if "tokenizer.ggml.tokens" in r.fields else 0
+    n_tok = kv.get("tokenizer.ggml.tokens", 0)              # an array: its length
     V = int(table.shape[1])
     types: dict[str, int] = {}
     for t in tensors.values():
         if t is not table:
-            types[t.tensor_type.name.lower()] = types.get(t.tensor_type.name.lower(), 0) + 1
-    ram = sum(int(t.n_bytes) for t in tensors.values() if t is not table)
-    block, type_size = gguf.GGML_QUANT_SIZES[table.tensor_type]
+            types[t.type.name.lower()] = types.get(t.type.name.lower(), 0) + 1
+    ram = sum(t.nbytes for t in tensors.values() if t is not table)
+    block, type_size = gguf.GGML_QUANT_SIZES[table.type]
     ftype = kv.get("general.file_type")
     gate = ("h = A, the un-normalized residual (Megatron-LM + Transformer Engine)"
             if key("memory.gate_on_residual") else "h = RMSNorm_ffn(A) (the paper)")
@@ -163,10 +156,10 @@ def inspect(file: Path):
         ("tokenizer", f"{kv.get('tokenizer.ggml.model', 'none')} (pre {kv.get('tokenizer.ggml.pre', '-')}), "
                       f"{n_tok} tokens"),
         ("types", f"backbone {', '.join(f'{c} {n}' for n, c in sorted(types.items()))}"
-                  f"{f' (file type {ftype})' if ftype is not None else ''}; table {table.tensor_type.name.lower()}"),
+                  f"{f' (file type {ftype})' if ftype is not None else ''}; table {table.type.name.lower()}"),
         ("in RAM", f"{_size(ram)} in {len(tensors) - 1} tensors"),
-        ("table", f"meki_mem.weight {{{L}*{m}, {V}}} {table.tensor_type.name.lower()}: "
-                  f"{_size(int(table.n_bytes))}, read by row"),
+        ("table", f"meki_mem.weight {{{L}*{m}, {V}}} {table.type.name.lower()}: "
+                  f"{_size(table.nbytes)}, read by row"),
         ("per token", f"{L * m} table values = {L * m // block * type_size} bytes read"),
     ]
     for k, v in rows:

@@ -19,7 +19,7 @@ import gguf
 from gguf import GGMLQuantizationType as Q
 
 from .errors import MekiError
-from .runtime import llama_tool
+from .runtime import llama_tool, read_header
 
 TABLE = "meki_mem.weight"
 FLOAT_TYPES = ("f32", "f16", "bf16")
@@ -64,18 +64,11 @@ def check_backbone_type(name: str) -> str:
 
 def read_table_info(path: Path) -> tuple[str, int]:
     """(the table's type, m) of the MeKi GGUF at path."""
-    try:
-        r = gguf.GGUFReader(path)
-    except Exception:                                       # bad magic, truncated, ...
-        raise MekiError(f"{path}: not a GGUF file") from None
-    field = r.fields.get("general.architecture")
-    if field is None or field.contents() != "meki":
-        raise MekiError(f"{path}: not a MeKi GGUF (general.architecture is not 'meki')")
-    m = r.fields.get("meki.embedding_length_per_layer_input")
-    table = next((t for t in r.tensors if t.name == TABLE), None)
-    if m is None or table is None:
+    kv, tensors = read_header(path, meki=True)
+    m = kv.get("meki.embedding_length_per_layer_input")
+    if m is None or TABLE not in tensors:
         raise MekiError(f"{path}: MeKi GGUF without its table {TABLE} or meki.embedding_length_per_layer_input")
-    return table.tensor_type.name.lower(), int(m.contents())
+    return tensors[TABLE].type.name.lower(), int(m)
 
 
 def quantize(src: str | Path, out: str | Path, table_type: str, backbone_type: str | None = None,

@@ -16,6 +16,7 @@ import os
 import struct
 from math import prod
 from pathlib import Path
+from typing import NamedTuple
 
 import gguf
 from gguf import GGUFValueType as T
@@ -53,14 +54,27 @@ def llama_tool(name: str) -> Path:
 
 # --- the GGUF header ---------------------------------------------------------------------------
 # gguf-py's GGUFReader parses every array element into numpy (about 8 s for a 152k-token
-# vocabulary), so the header is walked here: arrays are skipped, scalars and strings kept.
+# vocabulary), so the header is walked here: arrays are skipped (their length is kept), scalars
+# and strings kept. Everything that only needs the header (load, inspect, quantize, the benches)
+# reads it here; the tokenizer copy, which needs the arrays, uses GGUFReader.
+
+class ArrayLen(int):
+    """An array's length, standing in for the array in read_header's metadata."""
+
+
+class TensorInfo(NamedTuple):
+    offset: int                      # absolute file offset of the data
+    nbytes: int
+    type: gguf.GGMLQuantizationType
+    shape: tuple[int, ...]           # ggml order: ne0 first
+
 
 _SCALAR = {T.UINT8: "B", T.INT8: "b", T.UINT16: "H", T.INT16: "h", T.UINT32: "I", T.INT32: "i",
            T.FLOAT32: "f", T.BOOL: "?", T.UINT64: "Q", T.INT64: "q", T.FLOAT64: "d"}
 
 
-def read_header(path: str | Path, meki: bool = False) -> tuple[dict, dict[str, tuple[int, int]]]:
-    """(metadata without arrays, {tensor: (absolute file offset, nbytes)}) of a GGUF file.
+def read_header(path: str | Path, meki: bool = False) -> tuple[dict, dict[str, TensorInfo]]:
+    """(metadata, arrays as their ArrayLen, plus GGUF.version; {tensor: TensorInfo}) of a GGUF file.
     MekiError if it is missing or not a GGUF; with meki=True also if it is not a MeKi GGUF."""
     path = Path(path)
     if not path.is_file():
@@ -88,12 +102,12 @@ def read_header(path: str | Path, meki: bool = False) -> tuple[dict, dict[str, t
                 else:
                     for _ in range(n):
                         value(T(et), keep=False)
-                return None
+                return ArrayLen(n)
             return unpack(_SCALAR[T(t)])[0]
 
         try:
-            _version, n_tensors, n_kv = unpack("IQQ")
-            kv = {}
+            version, n_tensors, n_kv = unpack("IQQ")
+            kv = {"GGUF.version": version}
             for _ in range(n_kv):
                 key, t = value(T.STRING), T(unpack("I")[0])
                 kv[key] = value(t)
@@ -101,8 +115,9 @@ def read_header(path: str | Path, meki: bool = False) -> tuple[dict, dict[str, t
             for _ in range(n_tensors):
                 name, (n_dims,) = value(T.STRING), unpack("I")
                 ne, (qtype, offset) = unpack("Q" * n_dims), unpack("IQ")
-                block, type_size = gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType(qtype)]
-                infos.append((name, offset, prod(ne) // block * type_size))
+                qtype = gguf.GGMLQuantizationType(qtype)
+                block, type_size = gguf.GGML_QUANT_SIZES[qtype]
+                infos.append((name, offset, prod(ne) // block * type_size, qtype, ne))
             align = kv.get(gguf.Keys.General.ALIGNMENT) or gguf.GGUF_DEFAULT_ALIGNMENT
             data = -(-f.tell() // align) * align
         except (struct.error, ValueError, KeyError, OverflowError):   # truncated or garbled
@@ -110,7 +125,7 @@ def read_header(path: str | Path, meki: bool = False) -> tuple[dict, dict[str, t
     arch = kv.get("general.architecture")
     if meki and arch != "meki":
         raise MekiError(f"{path}: a {arch!r} GGUF, not a MeKi one (general.architecture is not 'meki')")
-    return kv, {name: (data + off, n) for name, off, n in infos}
+    return kv, {name: TensorInfo(data + off, n, qtype, ne) for name, off, n, qtype, ne in infos}
 
 
 def table_range(path: str | Path) -> tuple[int, int]:
@@ -118,7 +133,7 @@ def table_range(path: str | Path) -> tuple[int, int]:
     _, tensors = read_header(path, meki=True)
     if TABLE not in tensors:
         raise MekiError(f"{path}: MeKi GGUF without the table {TABLE}")
-    return tensors[TABLE]
+    return tensors[TABLE].offset, tensors[TABLE].nbytes
 
 
 # --- page-cache residency -----------------------------------------------------------------------

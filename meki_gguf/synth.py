@@ -16,6 +16,7 @@ from gguf import GGMLQuantizationType as Q
 
 from .errors import MekiError
 from .model import MekiConfig
+from .runtime import read_header
 from .write import add_hparams, write_atomic
 
 
@@ -140,13 +141,11 @@ def write_model(shape: Shape, out: Path, backbone: str = "q8_0", table: str = "q
 def meki_weight_bytes(path: Path) -> dict[str, int]:
     """{'table': bytes of meki_mem, 'branch': bytes of the other meki_* tensors (held in RAM),
     'total': all tensor bytes} of a GGUF."""
-    r = gguf.GGUFReader(path)
     out = {"table": 0, "branch": 0, "total": 0}
-    for t in r.tensors:
-        n = int(t.n_bytes)
-        out["total"] += n
-        if t.name == "meki_mem.weight":
-            out["table"] += n
-        elif ".meki_" in t.name:
-            out["branch"] += n
+    for name, t in read_header(path)[1].items():
+        out["total"] += t.nbytes
+        if name == "meki_mem.weight":
+            out["table"] += t.nbytes
+        elif ".meki_" in name:
+            out["branch"] += t.nbytes
     return out

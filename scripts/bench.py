@@ -23,7 +23,6 @@ Results go to build/bench/results.json, the plot to docs/bench-ratios.png, the t
 from __future__ import annotations
 
 import argparse
-import ctypes
 import json
 import os
 import platform
@@ -37,7 +36,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from meki_gguf.quantize import llama_tool  # noqa: E402
+from meki_gguf.runtime import evict, llama_tool, read_header, resident_pages  # noqa: E402
 from meki_gguf.synth import SHAPES, meki_weight_bytes, write_model  # noqa: E402
 
 OUT = ROOT / "build" / "bench"
@@ -78,51 +77,11 @@ def make_models(regenerate: bool) -> None:
 
 # --- page cache ----------------------------------------------------------------------------------
 
-_libc = ctypes.CDLL(None, use_errno=True)
-_libc.mmap.restype = ctypes.c_void_p
-_libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_long]
-_libc.munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
-_libc.mincore.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_void_p]
-
-
-def evict(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-    finally:
-        os.close(fd)
-
-
 def warm(path: Path) -> None:
     with open(path, "rb", buffering=0) as f:
         buf = bytearray(16 << 20)
         while f.readinto(buf):
             pass
-
-
-class Residency:
-    """Which pages of a file range are in the page cache (mincore on our own mapping: it
-    touches nothing)."""
-
-    def __init__(self, path: Path, offset: int = 0, size: int | None = None):
-        self.fd = os.open(path, os.O_RDONLY)
-        self.size = os.fstat(self.fd).st_size
-        self.addr = _libc.mmap(None, self.size, 1, 1, self.fd, 0)          # PROT_READ, MAP_SHARED
-        if self.addr in (None, ctypes.c_void_p(-1).value):
-            raise OSError(ctypes.get_errno(), "mmap failed")
-        self.begin = offset // PAGE * PAGE
-        self.end = offset + (self.size - offset if size is None else size)
-        self.vec = (ctypes.c_ubyte * ((self.end - self.begin + PAGE - 1) // PAGE))()
-
-    def pages(self) -> int:
-        if _libc.mincore(ctypes.c_void_p(self.addr + self.begin), self.end - self.begin, self.vec):
-            raise OSError(ctypes.get_errno(), "mincore failed")
-        return sum(b & 1 for b in self.vec)
-
-    def close(self) -> None:
-        _libc.munmap(ctypes.c_void_p(self.addr), self.size)
-        os.close(self.fd)
 
 
 # --- speed ---------------------------------------------------------------------------------------
@@ -212,35 +171,34 @@ def ratios(rows: list[dict]) -> dict:
 def probe(path: Path, threads: int, n_gen: int = 128, n_prompt: int = 16, seed: int = 0) -> dict:
     """Run in a fresh process (--probe): file evicted, load, prompt, n_gen decode steps on new
     random tokens. RSS, the table's resident pages and storage reads per step."""
-    import gguf
     import numpy as np
     from llama_cpp import Llama
 
-    r = gguf.GGUFReader(path)
-    table = next((t for t in r.tensors if t.name == "meki_mem.weight"), None)
-    n_vocab = len(r.fields["tokenizer.ggml.tokens"].data)
-    del r
+    kv, tensors = read_header(path)
+    table = tensors.get("meki_mem.weight")
+    n_vocab = kv["tokenizer.ggml.tokens"]                  # the array's length
     evict(path)
-    res = Residency(path, table.data_offset, int(table.n_bytes)) if table is not None else None
+
+    def table_pages() -> int:
+        return resident_pages(path, table.offset, table.nbytes)[0] if table else 0
+
     llm = Llama(str(path), n_ctx=n_prompt + n_gen + 8, n_batch=512, n_threads=threads, n_threads_batch=threads,
                 verbose=False)
     toks = np.random.default_rng(seed).permutation(n_vocab)[: n_prompt + n_gen].tolist()   # all distinct
     llm.eval(toks[:n_prompt])                                                # warms the backbone up
     steps = []
-    read0, pages0 = _read_bytes(), res.pages() if res else 0
+    read0, pages0 = _read_bytes(), table_pages()
     for i in range(n_gen):
         llm.eval([toks[n_prompt + i]])
         steps.append({"distinct_tokens": n_prompt + i + 1, "read_bytes": _read_bytes() - read0,
-                      "table_pages": (res.pages() if res else 0)})
+                      "table_pages": table_pages()})
     status = dict(ln.split(":", 1) for ln in Path("/proc/self/status").read_text().splitlines() if ":" in ln)
     kib = {k: int(status[k].split()[0]) for k in ("VmRSS", "RssAnon", "RssFile", "VmHWM")}
     out = {"model": path.name, "rss_kib": kib, "steps": steps, "table_pages_before_gen": pages0,
-           "table_pages_total": (res.end - res.begin) // PAGE if res else 0,
+           "table_pages_total": resident_pages(path, table.offset, table.nbytes)[1] if table else 0,
            "read_pages_per_token": (_read_bytes() - read0) / PAGE / n_gen,
-           "table_pages_per_token": ((res.pages() - pages0) / n_gen) if res else 0.0,
-           "row_bytes": int(table.n_bytes) // int(table.shape[1]) if table is not None else 0}
-    if res:
-        res.close()
+           "table_pages_per_token": (table_pages() - pages0) / n_gen if table else 0.0,
+           "row_bytes": table.nbytes // table.shape[1] if table else 0}
     return out
 
 

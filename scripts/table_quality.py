@@ -25,7 +25,8 @@ sys.path.insert(0, str(ROOT))
 
 import gguf  # noqa: E402
 
-from meki_gguf.quantize import TABLE_TYPES, block_size, llama_tool, quantize, read_table_info  # noqa: E402
+from meki_gguf.quantize import TABLE_TYPES, block_size, quantize, read_table_info  # noqa: E402
+from meki_gguf.runtime import llama_tool, read_header  # noqa: E402
 
 DEFAULT_TEXT = Path("/usr/share/common-licenses/GPL-3")
 
@@ -116,10 +117,8 @@ def main() -> None:
     args.text = args.text or DEFAULT_TEXT
     model = args.model or random_model(ROOT / "build" / "bench" / "quality-random-f32.gguf")
     cur, m = read_table_info(model)
-    r = gguf.GGUFReader(model)
-    L = int(r.fields["meki.block_count"].contents())
-    V = next(int(t.shape[1]) for t in r.tensors if t.name == "meki_mem.weight")
-    del r
+    kv, tensors = read_header(model, meki=True)
+    L, V = kv["meki.block_count"], tensors["meki_mem.weight"].shape[1]
     types = args.types or [t for t in TABLE_TYPES if m % block_size(t) == 0]
     print(f"model {model} (table {cur}, {L} layers, m {m}, {V} rows), text {args.text}, "
           f"{args.chunks} x {args.ctx} tokens", file=sys.stderr)
@@ -142,7 +141,7 @@ def main() -> None:
             if q != model:
                 q.unlink()
 
-    print(f"| table type | bits/value | bytes read per token | table size | mean KLD vs f32 | top-1 agreement |")
+    print("| table type | bits/value | bytes read per token | table size | mean KLD vs f32 | top-1 agreement |")
     print("|---|---:|---:|---:|---:|---:|")
     for t, per_tok, total, kld, top in rows:
         print(f"| {t} | {8 * per_tok / (L * m):.2f} | {per_tok:,} | {total / 2**20:,.1f} MiB | {kld:.6f} | {top:.2f}% |")
