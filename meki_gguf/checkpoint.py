@@ -19,6 +19,7 @@ import _compat_pickle
 import argparse
 import collections
 import contextlib
+import copy
 import enum
 import json
 import pickle
@@ -34,7 +35,6 @@ from typing import Callable, Iterator, Mapping
 import numpy as np
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
 
 from .errors import MekiError
 from .model import MekiConfig, MekiForCausalLM
@@ -114,14 +114,35 @@ def _checked(c: MekiConfig, origin: str) -> MekiConfig:
 
 _INDEX = "model.safetensors.index.json"
 _HF_META = {"architectures": ["MekiForCausalLM"], "model_type": "meki"}
+_OPTIONAL = {"folded": False}           # absent: the training form
 
 
-def save_hf(model: MekiForCausalLM, out_dir: Path, dtype=torch.float32) -> None:
+def _hf_standard_keys() -> set[str]:
+    """Keys transformers writes into any config.json (PretrainedConfig's own attributes)."""
+    from transformers import PretrainedConfig
+    return set(PretrainedConfig().to_dict()) | {"transformers_version", "dtype", "torch_dtype", "_name_or_path"}
+
+
+def save_hf(model: MekiForCausalLM, out_dir: Path, dtype=torch.float32, max_shard_size: str = "5GB") -> None:
+    """The model in the Hugging Face-style layout (what model.save_pretrained writes), in `dtype`."""
+    export_hf(model.config, {k: v.detach().to(dtype) for k, v in model.state_dict().items()}, out_dir,
+              max_shard_size=max_shard_size)
+
+
+def export_hf(config: MekiConfig, tensors: Mapping[str, torch.Tensor], out_dir: Path,
+              max_shard_size: str = "5GB") -> None:
+    """config.json + safetensors (sharded above max_shard_size, with transformers' index) from a
+    config and its tensors by reference name: a folder transformers and llama.cpp's converter load."""
+    from huggingface_hub import save_torch_state_dict
+
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "config.json").write_text(json.dumps({**_HF_META, **model.config.to_dict()}, indent=2) + "\n")
-    sd = {k: v.detach().to(dtype).contiguous() for k, v in model.state_dict().items()}
-    save_file(sd, str(out / "model.safetensors"), metadata={"format": "pt"})
+    config = copy.deepcopy(config)
+    config.architectures = _HF_META["architectures"]
+    config.save_pretrained(out)
+    # own storage per tensor: a Megatron checkpoint's are views of fused tensors (QKV, gate|up)
+    save_torch_state_dict({k: tensors[k].clone(memory_format=torch.contiguous_format) for k in tensors}, out,
+                          max_shard_size=max_shard_size, metadata={"format": "pt"})
 
 
 def _load_hf(folder: Path) -> Checkpoint:
@@ -132,14 +153,14 @@ def _load_hf(folder: Path) -> Checkpoint:
     if not isinstance(meta, dict) or meta.get("model_type") != "meki":
         got = meta.get("model_type") if isinstance(meta, dict) else type(meta).__name__
         raise MekiError(f"{folder}/config.json: not a MeKi config (model_type={got!r}, expected 'meki')")
-    cfg = {k: v for k, v in meta.items() if k not in _HF_META}
     names = [f.name for f in fields(MekiConfig)]
-    unknown = sorted(set(cfg) - set(names))
-    if unknown:
+    unknown = sorted(set(meta) - set(names) - _hf_standard_keys())
+    if unknown:                                    # a typo must not fall back to a default
         raise MekiError(f"{folder}/config.json: unknown keys {unknown}")
-    missing = [n for n in names if n not in cfg]   # defaults would silently invent a model
+    missing = [n for n in names if n not in meta and n not in _OPTIONAL]   # defaults would invent a model
     if missing:
         raise MekiError(f"{folder}/config.json: missing keys {missing}")
+    cfg = {**_OPTIONAL, **{n: meta[n] for n in names if n in meta}}
     config = _checked(MekiConfig(**{f.name: _typed(cfg[f.name], type(f.default), f"{folder}/config.json: {f.name}")
                                     for f in fields(MekiConfig)}), f"{folder}/config.json")
 
@@ -464,7 +485,7 @@ def _megatron_config(args: argparse.Namespace, sd: dict, file: Path) -> MekiConf
             raise MekiError(f"unsupported: {file} has args.{name}={arg(name)!r}; MeKi GGUF needs {want!r}")
 
     # Transformer Engine fuses the norms into the linears: that is also the gate variant
-    # (the MeKi module then sees the un-normalized residual, see MEKI.md).
+    # (the MeKi module then sees the un-normalized residual, see docs/METHOD.md).
     te_keys = "decoder.layers.0.self_attention.linear_qkv.layer_norm_weight" in sd
     impl = arg("transformer_impl", None, "transformer_engine" if te_keys else "local")
     if impl not in ("transformer_engine", "local"):

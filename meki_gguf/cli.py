@@ -6,6 +6,7 @@ Every user-facing problem (MekiError, a usage error, an OS error, Ctrl-C) ends a
 from __future__ import annotations
 
 import os
+import shutil
 import sys
 from pathlib import Path
 
@@ -83,6 +84,48 @@ def convert(src: Path, out: Path, outtype: str, table_type: str, tokenizer: Path
     ckpt = load_checkpoint(src)
     write_gguf(ckpt, out, outtype=outtype, table_type=table_type, tokenizer=tokenizer)
     click.echo(f"wrote {out} ({_size(out.stat().st_size)})")
+
+
+@main.command("export-hf")
+@click.argument("src", type=click.Path(exists=True, path_type=Path))
+@click.argument("out_dir", type=click.Path(file_okay=False, path_type=Path))
+@click.option("--tokenizer", type=click.Path(exists=True, file_okay=False, path_type=Path), metavar="DIR",
+              help="A Hugging Face tokenizer folder whose files are copied in. Default: the checkpoint "
+                   "folder's own tokenizer, if any.")
+@click.option("--max-shard-size", default="5GB", show_default=True,
+              help="Safetensors shards above this size are split (transformers' naming and index).")
+def export_hf(src: Path, out_dir: Path, tokenizer: Path | None, max_shard_size: str):
+    """Write the MeKi checkpoint SRC as a Hugging Face folder OUT_DIR: config.json, safetensors and
+    the tokenizer files, loadable by transformers (`import meki_gguf` registers the model) and by
+    llama.cpp's convert_hf_to_gguf.py; what you upload to the Hub.
+
+    SRC is read as `convert` reads it (Megatron-LM or HF-style). The tensors keep their dtype and
+    the training form. OUT_DIR must not exist or be empty; it appears complete or not at all.
+    """
+    from .checkpoint import export_hf as export, load_checkpoint
+    from .tokenizer import TOKENIZER_FILES, find_tokenizer
+    from .write import source_dir
+
+    if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())):
+        raise MekiError(f"{out_dir} exists and is not an empty folder")
+    ckpt = load_checkpoint(src)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)            # as save_pretrained does
+    tok = tokenizer or find_tokenizer(source_dir(ckpt.path))
+    tmp = out_dir.parent / f".{out_dir.name}.{os.getpid()}.tmp"
+    try:
+        export(ckpt.config, ckpt.tensors, tmp, max_shard_size=max_shard_size)
+        if tok is not None:
+            for name in TOKENIZER_FILES:
+                if (tok / name).is_file():
+                    shutil.copy2(tok / name, tmp / name)
+        if out_dir.exists():
+            out_dir.rmdir()
+        os.rename(tmp, out_dir)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    click.echo(f"wrote {out_dir} ({', '.join(sorted(p.name for p in out_dir.iterdir()))})")
+    if tok is None:
+        click.echo("note: no tokenizer copied (none given with --tokenizer, none next to the checkpoint)", err=True)
 
 
 @main.command()

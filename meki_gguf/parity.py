@@ -74,7 +74,7 @@ def llama_greedy(llm, prompt: list[int], n: int) -> tuple[list[int], np.ndarray]
 
 @torch.no_grad()
 def reference_logits(model: MekiForCausalLM, ids: list[int]) -> np.ndarray:
-    return model(torch.tensor([ids]))[0].double().numpy()
+    return model(torch.tensor([ids])).logits[0].double().numpy()
 
 
 @dataclass

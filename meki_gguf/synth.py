@@ -41,7 +41,7 @@ class Shape:
                           head_dim=self.head_dim, max_seq_len=40960)
 
 
-# the paper's models (../shared/MEKI.md); the dense 4B is the quality match of MeKi-1.7B
+# the paper's models (docs/METHOD.md); the dense 4B is the quality match of MeKi-1.7B
 SHAPES = {
     "meki-0.6b": Shape("meki-0.6b", 28, 1024, 128, 3072, 16, 8),
     "meki-1.7b": Shape("meki-1.7b", 28, 2048, 256, 6144, 16, 8),

@@ -16,7 +16,6 @@ converters wrote it) is dropped; any other excess is an error.
 from __future__ import annotations
 
 import json
-import logging
 from pathlib import Path
 
 import gguf
@@ -26,21 +25,9 @@ from .errors import MekiError
 
 TOKENS, TYPES, SCORES = "tokenizer.ggml.tokens", "tokenizer.ggml.token_type", "tokenizer.ggml.scores"
 
-# Qwen2/Qwen3's pre-tokenizer, as in their tokenizer.json (llama.cpp pre type "qwen2").
-QWEN2_PRE_TOKENIZER = {
-    "type": "Sequence",
-    "pretokenizers": [
-        {"type": "Split",
-         "pattern": {"Regex": r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}"
-                              r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"},
-         "behavior": "Isolated", "invert": False},
-        {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": False, "use_regex": False},
-    ],
-}
-# llama.cpp recognizes a BPE pre-tokenizer by hashing the token ids of a probe text, so a
-# tokenizer with its own vocabulary (a small test one) is never recognized even when it splits
-# text exactly like a known one. Fallback: recognize the pre-tokenizer by its definition.
-_PRE_BY_DEFINITION = {"qwen2": QWEN2_PRE_TOKENIZER}
+# A Hugging Face tokenizer folder's files (what `export-hf` copies next to the weights)
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
+                   "vocab.json", "merges.txt", "added_tokens.json", "chat_template.jinja", "generation_config.json")
 
 
 def find_tokenizer(folder: str | Path) -> Path | None:
@@ -81,12 +68,13 @@ def _from_hf(path: Path, n_vocab: int) -> dict[str, GGUFValue]:
         raise MekiError(f"tokenizer {path}: no tokenizer.json or tokenizer.model in this folder")
     try:
         from conversion.base import TextModel
+        from conversion.meki import MekiModel
     except ImportError as e:
         raise MekiError(f"a Hugging Face tokenizer needs llama.cpp's converter: pip install transformers==4.57.6 "
                         f"and pip install --no-deps build/src ({e})") from None
 
     class Vocab:
-        """Just the part of llama.cpp's TextModel that its vocab code uses."""
+        """Just the part of llama.cpp's MekiModel that its vocab code uses."""
         get_vocab_base = TextModel.get_vocab_base
         does_token_look_special = TextModel.does_token_look_special
         find_hparam = TextModel.find_hparam
@@ -95,19 +83,10 @@ def _from_hf(path: Path, n_vocab: int) -> dict[str, GGUFValue]:
         _create_vocab_sentencepiece = TextModel._create_vocab_sentencepiece
 
         def get_vocab_base_pre(self, tokenizer) -> str:
-            log = logging.getLogger("hf-to-gguf")
-            level = log.level
-            log.setLevel(logging.ERROR)                    # its banner is noise if the fallback succeeds
             try:
-                return TextModel.get_vocab_base_pre(self, tokenizer)
+                return MekiModel.get_vocab_base_pre(self, tokenizer)
             except NotImplementedError:
-                pre = json.loads((path / "tokenizer.json").read_text(encoding="utf-8")).get("pre_tokenizer")
-                for name, definition in _PRE_BY_DEFINITION.items():
-                    if pre == definition:
-                        return name
                 raise MekiError(f"tokenizer {path}: llama.cpp does not recognize its BPE pre-tokenizer") from None
-            finally:
-                log.setLevel(level)
 
     # as llama.cpp's Qwen2Model.set_vocab: SentencePiece if there is a tokenizer.model, else BPE.
     # BPE gets vocab_size = V: llama.cpp pads it (and any id holes) and asserts on ids >= V. The
@@ -185,6 +164,8 @@ def train_bpe_dir(texts: list[str], out_dir: str | Path, n_tokens: int) -> Path:
     llama.cpp's code to pre "qwen2", and llama.cpp tokenizes with it."""
     from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
+
+    from conversion.meki import QWEN2_PRE_TOKENIZER
 
     specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
     split, byte_level = QWEN2_PRE_TOKENIZER["pretokenizers"]

@@ -1,25 +1,33 @@
-"""Checkpoint -> MeKi GGUF, exactly as docs/FORMAT.md specifies (written with gguf-py).
+"""Checkpoint -> MeKi GGUF, exactly as docs/FORMAT.md specifies.
 
-Every tensor is converted only when GGUFWriter writes it, piece by piece, and the folded table
-is streamed from `fold.fold_chunks` straight into the file: peak RAM is the checkpoint itself
-plus one chunk. The file appears atomically (temp file in the same folder, then os.replace).
+The file is written by llama.cpp's own converter class for MeKi (`conversion.meki.MekiModel`,
+cpp/conversion/meki.py), the one convert_hf_to_gguf.py uses: names, keys, fold and table come from
+one place whether the checkpoint is a Hugging Face folder or an official Megatron-LM one. This
+module feeds it our lazily read checkpoint (checkpoint.py) and tokenizer (tokenizer.py), checks the
+types up front (llama.cpp's converter would fall back to f16 with a warning; we stop and say why),
+and makes the write atomic (a temp file in the same folder, then os.replace).
+
+Peak RAM: llama.cpp's lazy tensors convert one tensor at a time, and the table is folded and written
+one chunk of tokens at a time (gguf.LazyChunkedTensor): never whole.
 """
 from __future__ import annotations
 
 import os
+import sys
 import uuid
-from math import prod
+from dataclasses import asdict
 from pathlib import Path
 from typing import Callable, Iterable
 
 import gguf
-import numpy as np
 import torch
 from gguf import GGMLQuantizationType as Q
 from gguf import LlamaFileType
+from conversion.base import LazyTorchTensor
+from conversion.meki import MekiModel
 
 from .errors import MekiError
-from .fold import FOLDED, fold_chunks
+from .fold import FOLDED
 from .model import MekiForCausalLM
 from .tokenizer import find_tokenizer, tokenizer_kv
 
@@ -72,40 +80,6 @@ def _check_rows(qtype: Q, n: int, what: str, option: str) -> None:
         raise MekiError(f"{option} {qtype.name.lower()}: {what} = {n} is not a multiple of its block size {block}")
 
 
-class _Deferred:
-    """A tensor GGUFWriter writes without ever holding it.
-
-    GGUFWriter keeps every added tensor until write_tensors_to_file(), so handing it converted
-    numpy arrays would hold the whole converted model (and the whole table) in RAM at once.
-    It only needs .shape/.dtype/.nbytes before writing and .tofile(f) when writing: here the
-    shape is in bytes (dtype uint8 + raw_dtype, as for any quantized tensor) and tofile converts
-    the source one piece (row block or fold chunk) at a time."""
-    dtype = np.dtype(np.uint8)
-
-    def __init__(self, shape: tuple[int, ...], qtype: Q, pieces: Callable[[], Iterable[torch.Tensor]]):
-        self.qtype, self.pieces = qtype, pieces
-        self.shape = gguf.quant_shape_to_byte_shape(shape, qtype)
-        self.nbytes = prod(self.shape)
-
-    def tofile(self, f) -> None:
-        for t in self.pieces():
-            a = t.numpy() if t.dtype in (torch.float32, torch.float64) else t.float().numpy()
-            if self.qtype not in (Q.F32, Q.F16):
-                a = a.astype(np.float32, copy=False)         # gguf.quants' block quantizers take f32
-            np.ascontiguousarray(gguf.quants.quantize(a, self.qtype)).tofile(f)
-
-
-ROW_BLOCK = 1 << 24                                          # values converted at once (64 MiB in f32)
-
-
-def _row_blocks(t: torch.Tensor) -> Callable[[], Iterable[torch.Tensor]]:
-    """The tensor as blocks of whole rows (about ROW_BLOCK values each), to convert piece by piece."""
-    if t.dim() < 2:
-        return lambda: iter([t])
-    step = max(1, ROW_BLOCK // t.shape[1])
-    return lambda: (t[i:i + step] for i in range(0, len(t), step))
-
-
 def check_layout(model_tensors, c) -> list[str]:
     """Check names and shapes against the reference model (model.py is the layout); return the
     names in the reference order (the order of the tensors in the file)."""
@@ -132,20 +106,16 @@ def source_dir(path: str | Path) -> Path:
 
 def write_gguf(ckpt, out_path: str | Path, outtype: str = "f16", table_type: str = "f16",
                tokenizer: str | Path | None = None, fold_dtype: torch.dtype = torch.float32,
-               chunk: int = 4096, progress: bool | None = None) -> Path:
+               chunk: int | None = None, progress: bool | None = None) -> Path:
     """Write `ckpt` (checkpoint.Checkpoint) as a MeKi GGUF. tokenizer: a GGUF or HF tokenizer
     folder; None = the checkpoint folder's own HF tokenizer (error if it has none)."""
     c, tensors, out = ckpt.config, ckpt.tensors, Path(out_path)
     otype = parse_type(outtype, OUT_TYPES, "--outtype")
     ttype = parse_type(table_type, TABLE_TYPES, "--table-type")
     _check_rows(ttype, c.d_mem, "m (memory width; each layer's slice is quantized on its own)", "--table-type")
-    plan = []                                                # (gguf name, reference name, type)
-    for name in check_layout(tensors, c):
-        if (gname := gguf_name(name)) is not None:
-            t = tensors[name]
-            qtype = otype if t.dim() == 2 else Q.F32         # norms and other 1-D tensors: always f32
-            _check_rows(qtype, t.shape[-1], f"the row length of {gname}", "--outtype")
-            plan.append((gname, name, qtype))
+    for name in check_layout(tensors, c):                   # llama.cpp's converter would fall back to f16
+        if (gname := gguf_name(name)) is not None and tensors[name].dim() == 2:
+            _check_rows(otype, tensors[name].shape[-1], f"the row length of {gname}", "--outtype")
     if tokenizer is None and (tokenizer := find_tokenizer(source_dir(ckpt.path))) is None:
         raise MekiError(f"no tokenizer: {source_dir(ckpt.path)} has no tokenizer.json; pass --tokenizer "
                         f"(a GGUF or a Hugging Face tokenizer folder)")
@@ -155,24 +125,48 @@ def write_gguf(ckpt, out_path: str | Path, outtype: str = "f16", table_type: str
     if out.is_dir():
         raise MekiError(f"output {out} is a folder")
 
-    w = gguf.GGUFWriter(None, ARCH)
-    w.add_name(source_dir(ckpt.path).name)
-    w.add_file_type(OUT_TYPES[outtype.lower()])
-    w.add_quantization_version(gguf.GGML_QUANT_VERSION)
-    add_hparams(w, c)
-    for k, v in tok_kv.items():
-        w.add_key_value(k, v.value, v.type, v.sub_type)
-
-    for gname, name, qtype in plan:
-        t = tensors[name]
-        w.add_tensor(gname, _Deferred(tuple(t.shape), qtype, _row_blocks(t)), raw_dtype=qtype)
-    # token-major: ne0 = L*m (row t = [T_0[t] | ... | T_{L-1}[t]]), ne1 = V. m is a multiple of the
-    # block size, so quantizing whole rows quantizes each layer's slice on its own.
-    table = lambda: fold_chunks(c, tensors, chunk=chunk, dtype=fold_dtype, progress=progress)  # noqa: E731
-    w.add_tensor(TABLE, _Deferred((c.vocab_size, c.n_layer * c.d_mem), ttype, table), raw_dtype=ttype)
-
-    write_atomic(w, out)
+    model = _Converter(ckpt, tok_kv, ftype=OUT_TYPES[outtype.lower()], table_type=ttype, fold_dtype=fold_dtype,
+                       chunk=chunk, progress=progress)
+    _atomic(out, model.write_to)
     return out
+
+
+class _Converter(MekiModel):
+    """llama.cpp's MekiModel fed from a `Checkpoint` and our tokenizer handling."""
+    model_arch = MekiModel.model_arch
+
+    def __init__(self, ckpt, tok_kv, ftype, table_type, fold_dtype, chunk, progress):
+        self._ckpt, self._tok_kv, self._progress = ckpt, tok_kv, progress
+        self.table_type, self.fold_dtype = table_type, fold_dtype
+        if chunk is not None:
+            self.fold_chunk = chunk
+        hparams = {**_HF_META, **asdict(ckpt.config)}           # what its config.json holds
+        super().__init__(source_dir(ckpt.path), ftype, Path(os.devnull), hparams=hparams)
+
+    def index_tensors(self, remote_hf_model_id=None):
+        t = self._ckpt.tensors                                  # read lazily, in the reference order
+        return {k: (lambda k=k: LazyTorchTensor.from_eager(t[k])) for k in t}
+
+    def set_vocab(self):                                        # a GGUF's or a HF folder's, fitted to V
+        for k, v in self._tok_kv.items():
+            self.gguf_writer.add_key_value(k, v.value, v.type, v.sub_type)
+
+    def write_to(self, path: Path) -> None:
+        """ModelBase.write, to `path`, with our progress setting and an fsync."""
+        self.prepare_tensors()
+        self.prepare_metadata(vocab_only=False)
+        w = self.gguf_writer
+        try:
+            w.write_header_to_file(path=path)
+            w.write_kv_data_to_file()
+            w.write_tensors_to_file(progress=sys.stderr.isatty() if self._progress is None else self._progress)
+            w.flush()
+            os.fsync(w.fout[0].fileno())
+        finally:
+            w.close()
+
+
+_HF_META = {"architectures": ["MekiForCausalLM"], "model_type": "meki"}
 
 
 def add_hparams(w: gguf.GGUFWriter, c) -> None:
@@ -194,18 +188,27 @@ def add_hparams(w: gguf.GGUFWriter, c) -> None:
 
 
 def write_atomic(w: gguf.GGUFWriter, out: Path) -> None:
-    """Write w's file to `out` atomically: a temp file in the same folder, then os.replace; on any
-    error or Ctrl-C the temp file is removed, and a previous `out` is left as it was."""
-    tmp = out.parent / f".{out.name}.{uuid.uuid4().hex[:8]}.tmp"
-    try:
+    """Write GGUFWriter w's file to `out` atomically (see _atomic)."""
+    def write(tmp: Path) -> None:
         w.write_header_to_file(tmp)
         w.write_kv_data_to_file()
         w.write_tensors_to_file()
         w.flush()
         os.fsync(w.fout[0].fileno())
         w.close()
+    try:
+        _atomic(out, write)
+    finally:
+        w.close()
+
+
+def _atomic(out: Path, write: Callable[[Path], None]) -> None:
+    """write(tmp) a temp file in out's folder, then os.replace it onto `out`; on any error or
+    Ctrl-C the temp file is removed, and a previous `out` is left as it was."""
+    tmp = out.parent / f".{out.name}.{uuid.uuid4().hex[:8]}.tmp"
+    try:
+        write(tmp)
         os.replace(tmp, out)
     except BaseException:
-        w.close()
         tmp.unlink(missing_ok=True)
         raise

@@ -108,7 +108,7 @@ def worker_fold(root: Path, variant: str, tokens: int) -> None:
         c = replace(c, vocab_size=tokens)               # fold_chunks reads rows [0, tokens) only
     t0 = time.perf_counter()
     n = 0
-    for rows in fold_chunks(c, ck.tensors, chunk=chunk, dtype=torch.float32, progress=False):
+    for rows in fold_chunks(c, ck.tensors, chunk=chunk, dtype=torch.float32):
         n += rows.shape[0]
     dt = time.perf_counter() - t0
     print(json.dumps({"seconds": dt, "tokens": n, "chunk": chunk, "threads": torch.get_num_threads()}))

@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+from dataclasses import asdict
 import hashlib
 import json
 import math
@@ -224,7 +225,7 @@ def heldout_loss(model, held: torch.Tensor, ctx: int, bs: int = 16) -> float:
     y = held[1: n * ctx + 1].view(n, ctx)
     tot = 0.0
     for i in range(0, n, bs):
-        logits = model(x[i:i + bs])
+        logits = model(x[i:i + bs]).logits
         tot += torch.nn.functional.cross_entropy(logits.flatten(0, 1), y[i:i + bs].flatten(), reduction="sum").item()
     model.train()
     return tot / (n * ctx)
@@ -244,7 +245,7 @@ def train(model, name: str, data: torch.Tensor, held: torch.Tensor, starts: torc
         for grp in opt.param_groups:
             grp["lr"] = lr_at(step, steps, a.lr, warmup)
         seq = data[starts[step][:, None] + offs]
-        logits = model(seq[:, :-1])
+        logits = model(seq[:, :-1]).logits
         loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1), seq[:, 1:].flatten())
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -433,7 +434,7 @@ def main():
                    "heldout_pages": len(held_docs), "train_tokens": int(len(tr_ids)),
                    "heldout_tokens": int(len(he_ids)), "heldout_tokens_evaluated": int(len(held) - 1)},
         "tokenizer": f"byte-level BPE, {a.vocab} tokens (3 ChatML specials), Qwen2 pre-tokenizer, trained on the train split",
-        "config": c.to_dict(), "seed": a.seed, "steps": a.steps, "batch": a.batch, "ctx": a.ctx,
+        "config": asdict(c), "seed": a.seed, "steps": a.steps, "batch": a.batch, "ctx": a.ctx,
         "training_tokens_per_model": a.steps * a.batch * a.ctx, "lr": a.lr, "weight_decay": a.weight_decay,
         "schedule": "AdamW (0.9, 0.95), 5% linear warm-up, cosine to 10%, grad clip 1.0",
         "command": " ".join(["scripts/train_demo.py"] + sys.argv[1:]),

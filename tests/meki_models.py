@@ -41,7 +41,7 @@ def train(model: MekiForCausalLM, ids: list[int], steps: int = 30, batch: int = 
         for _ in range(steps):
             starts = torch.randint(0, len(data) - T - 1, (batch,), generator=g)
             x = torch.stack([data[s:s + T + 1] for s in starts])
-            loss = F.cross_entropy(model(x[:, :-1]).flatten(0, 1), x[:, 1:].flatten())
+            loss = F.cross_entropy(model(x[:, :-1]).logits.flatten(0, 1), x[:, 1:].flatten())
             opt.zero_grad()
             loss.backward()
             opt.step()

@@ -8,6 +8,7 @@ import shutil
 from dataclasses import replace
 from pathlib import Path
 
+import conversion.meki
 import gguf
 import numpy as np
 import pytest
@@ -17,7 +18,6 @@ from click.testing import CliRunner
 from meki_gguf import write
 from meki_gguf.checkpoint import load_checkpoint, save_hf, save_megatron
 from meki_gguf.cli import main
-from meki_gguf.fold import fold_layer
 from meki_gguf.model import MekiConfig, MekiForCausalLM, init_random
 from meki_gguf.tokenizer import tiny_tokenizer_dir, tokenizer_kv
 
@@ -99,11 +99,13 @@ def assert_matches(got: np.ndarray, ref: torch.Tensor, qtype, what: str, fold_at
 
 
 def reference_table(ckpt_tensors, c: MekiConfig) -> torch.Tensor:
-    """Token-major [V, L*m] from fold_layer, float64, on exactly the checkpoint's values."""
+    """Token-major [V, L*m]: the reference's training-form expert vectors, float64, on exactly
+    the checkpoint's values."""
     model = MekiForCausalLM(c).double()
     model.load_state_dict({k: ckpt_tensors[k].double() for k in ckpt_tensors})
-    E = model.model.embed_tokens.weight
-    return torch.cat([fold_layer(b.meki, E) for b in model.model.layers], dim=1)
+    E, ids = model.model.embed_tokens.weight, torch.arange(c.vocab_size)
+    with torch.no_grad():
+        return torch.cat([b.meki.expert(ids, E) for b in model.model.layers], dim=1)
 
 
 # docs/FORMAT.md's tensor names, written out independently of write.py's table
@@ -150,7 +152,7 @@ def test_convert_round_trip(tmp_path, tok, outtype, table_type, changes, layout)
     # metadata: every key against the config
     otype, ttype = Q[outtype.upper()], Q[table_type.upper()]
     want = {
-        "general.architecture": "meki", "general.name": src.name, "general.quantization_version": 2,
+        "general.architecture": "meki", "general.type": "model", "general.quantization_version": 2,
         "general.file_type": int(write.OUT_TYPES[outtype]),
         "meki.context_length": c.max_seq_len, "meki.embedding_length": c.d_model, "meki.block_count": c.n_layer,
         "meki.feed_forward_length": c.d_ff, "meki.attention.head_count": c.n_head,
@@ -160,6 +162,7 @@ def test_convert_round_trip(tmp_path, tok, outtype, table_type, changes, layout)
     }
     for k, v in want.items():
         assert kv[k] == v, k
+    assert kv["general.name"].lower() == src.name.lower()    # as llama.cpp's converter names it (gguf.Metadata)
     assert kv["meki.attention.layer_norm_rms_epsilon"] == pytest.approx(c.norm_eps, rel=1e-6)
     assert kv["meki.rope.freq_base"] == pytest.approx(c.rope_theta, rel=1e-6)
     assert not {k for k in kv if k.startswith("meki.")} - set(want) - {
@@ -210,12 +213,11 @@ def test_convert_round_trip(tmp_path, tok, outtype, table_type, changes, layout)
 
 
 def test_converting_piece_by_piece_changes_nothing(tmp_path, tok, monkeypatch):
-    """Row blocks of the backbone and chunks of the table are written as they come: small
-    pieces (many per tensor, uneven last one) give the same file as one piece per tensor."""
+    """Chunks of the table are folded and written as they come: small chunks (uneven last one)
+    give the same file as the default."""
     _, src = hf_ckpt(tmp_path, replace(TINY, vocab_size=500, gate_on_residual=True))
     ckpt = load_checkpoint(src)
     one = write.write_gguf(ckpt, tmp_path / "one.gguf", "q8_0", "q8_0", tokenizer=tok)
-    monkeypatch.setattr(write, "ROW_BLOCK", 3 * 64 + 1)      # 3 rows of d at a time
     many = write.write_gguf(ckpt, tmp_path / "many.gguf", "q8_0", "q8_0", tokenizer=tok, chunk=96)
     (_, a), (_, b) = read(one), read(many)
     for name in a:
@@ -254,7 +256,7 @@ def test_tokenizer_from_the_checkpoint_folder_and_from_a_gguf(tmp_path, tok):
     for f in tok.iterdir():
         shutil.copy(f, mg)
     assert cli("convert", mg / "iter_0001000", "-o", tmp_path / "mg.gguf").exit_code == 0
-    assert read(tmp_path / "mg.gguf")[0]["general.name"] == "mg"
+    assert read(tmp_path / "mg.gguf")[0]["general.name"] == "Mg"             # the root's name, as gguf.Metadata spells it
 
     # a GGUF as the tokenizer: every tokenizer.* key copied; padded (more rows) or trailing
     # [PAD] tokens dropped (fewer rows, but more than the real tokens)
@@ -359,16 +361,16 @@ def test_output_is_atomic(tmp_path, tok, monkeypatch, failure):
     """A failure mid-table (after the header, the backbone and one chunk of the table are
     written): no OUT, no temp file, and a pre-existing OUT untouched."""
     _, src = hf_ckpt(tmp_path)
-    real = write.fold_chunks
+    real, calls = conversion.meki.fold_rows, []
 
-    def broken(*args, **kwargs):
-        kwargs["chunk"] = 100
-        for i, rows in enumerate(real(*args, **kwargs)):
-            if i == 2:
-                raise failure("injected")
-            yield rows
+    def broken(*args, **kwargs):                       # the third chunk of the table fails
+        calls.append(1)
+        if len(calls) == 3:
+            raise failure("injected")
+        return real(*args, **kwargs)
 
-    monkeypatch.setattr(write, "fold_chunks", broken)
+    monkeypatch.setattr(conversion.meki, "fold_rows", broken)
+    monkeypatch.setattr(write._Converter, "fold_chunk", 100)
     out_dir = tmp_path / "out"
     out_dir.mkdir()
     out = out_dir / "m.gguf"
@@ -380,11 +382,12 @@ def test_output_is_atomic(tmp_path, tok, monkeypatch, failure):
     assert list(out_dir.iterdir()) == []
 
     out.write_bytes(b"previous")
+    calls.clear()
     with pytest.raises(failure):
         write.write_gguf(load_checkpoint(src), out, tokenizer=tok)
     assert list(out_dir.iterdir()) == [out] and out.read_bytes() == b"previous"
 
-    monkeypatch.setattr(write, "fold_chunks", real)       # and a good run replaces it
+    monkeypatch.setattr(conversion.meki, "fold_rows", real)       # and a good run replaces it
     write.write_gguf(load_checkpoint(src), out, tokenizer=tok)
     assert list(out_dir.iterdir()) == [out] and read(out)[0]["general.architecture"] == "meki"
     assert oct(os.stat(out).st_mode & 0o777) == oct(0o666 & ~_umask())
