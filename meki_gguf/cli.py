@@ -43,7 +43,8 @@ class _Cli(click.Group):
 
 @click.group(cls=_Cli, no_args_is_help=True, context_settings={"help_option_names": ["-h", "--help"]})
 def main():
-    """MeKi language models in GGUF: convert a checkpoint, inspect a file, run it
+    """MeKi language models in GGUF: convert a checkpoint (or export it for transformers),
+    inspect a file, run it
     (generate, chat; `demo` does it all on a small built-in model).
 
     MeKi adds a token-indexed memory table to every layer of a small decoder. `convert` folds
