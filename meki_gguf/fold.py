@@ -31,4 +31,4 @@ def fold_chunks(c, tensors: Mapping[str, torch.Tensor], chunk: int = 4096,
     c: a MekiConfig; tensors: the checkpoint's (Hugging Face names, any dtype)."""
     for lo in range(0, c.vocab_size, chunk):
         yield fold_rows(tensors.__getitem__, lo, min(lo + chunk, c.vocab_size), c.n_layer, c.norm_eps,
-                        c.folded, dtype)
+                        c.folded, c.gate_on_residual, dtype)

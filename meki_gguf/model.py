@@ -267,7 +267,7 @@ class MekiForCausalLM(MekiPreTrainedModel, GenerationMixin):
             return
         c = self.config
         T = fold_rows(self.state_dict().__getitem__, 0, c.vocab_size, c.n_layer, c.norm_eps, folded=False,
-                      dtype=torch.float64)
+                      gate_on_residual=c.gate_on_residual, dtype=torch.float64)
         for il, blk in enumerate(self.model.layers):
             blk.meki.fold_into(T[:, il * c.d_mem:(il + 1) * c.d_mem])
         self.config = copy.deepcopy(c)

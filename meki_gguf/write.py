@@ -27,12 +27,12 @@ from conversion.base import LazyTorchTensor
 from conversion.meki import MekiModel
 
 from .errors import MekiError
+from .checkpoint import _HF_META
 from .fold import FOLDED
 from .model import MekiForCausalLM
 from .tokenizer import find_tokenizer, tokenizer_kv
 
 ARCH = "meki"
-TABLE = "meki_mem.weight"
 OUT_TYPES = {"f32": LlamaFileType.ALL_F32, "f16": LlamaFileType.MOSTLY_F16,
              "bf16": LlamaFileType.MOSTLY_BF16, "q8_0": LlamaFileType.MOSTLY_Q8_0}  # -> general.file_type
 TABLE_TYPES = ("f32", "f16", "bf16", "q8_0", "q4_0", "q4_1", "q5_0", "q5_1")      # what gguf.quants can write
@@ -164,9 +164,6 @@ class _Converter(MekiModel):
             os.fsync(w.fout[0].fileno())
         finally:
             w.close()
-
-
-_HF_META = {"architectures": ["MekiForCausalLM"], "model_type": "meki"}
 
 
 def add_hparams(w: gguf.GGUFWriter, c) -> None:

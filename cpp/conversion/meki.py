@@ -64,8 +64,9 @@ def memory_expert(memory: Tensor, emb: Tensor, dyn_gate: Tensor, dyn_up: Tensor,
 
 
 def fold_rows(get: Callable[[str], Tensor], lo: int, hi: int, n_layer: int, eps: float, folded: bool,
-              dtype: torch.dtype = torch.float32, rows: int = 1024) -> Tensor:
-    """Token-major table rows [lo, hi): [hi-lo, L*m] in `dtype`.
+              gate_on_residual: bool, dtype: torch.dtype = torch.float32, rows: int = 1024) -> Tensor:
+    """Token-major table rows [lo, hi): [hi-lo, L*m] in `dtype`. gate_on_residual: the Transformer
+    Engine variant, whose G_l has an input norm (`dyn.norm.weight`).
 
     get(name) returns a checkpoint tensor by its Hugging Face name; the token-indexed ones are
     sliced to [lo, hi) before they are read, so a chunk touches only its own rows. G_l runs
@@ -79,7 +80,7 @@ def fold_rows(get: Callable[[str], Tensor], lo: int, hi: int, n_layer: int, eps:
             continue
         w = {k: get(p + k).to(dtype) for k in ("dyn.gate_proj.weight", "dyn.up_proj.weight", "dyn.down_proj.weight",
                                                "mix_norm.weight", "alpha", "beta")}
-        dyn_norm = get(p + "dyn.norm.weight").to(dtype) if _has(get, p + "dyn.norm.weight") else None
+        dyn_norm = get(p + "dyn.norm.weight").to(dtype) if gate_on_residual else None
         mem = get(p + "memory.weight")[lo:hi].to(dtype)
         t = torch.empty(hi - lo, mem.shape[1], dtype=dtype)
         for a in range(0, hi - lo, rows):
@@ -89,14 +90,6 @@ def fold_rows(get: Callable[[str], Tensor], lo: int, hi: int, n_layer: int, eps:
                                    eps, dyn_norm)
         out.append(t)
     return torch.cat(out, dim=1)
-
-
-def _has(get: Callable[[str], Tensor], name: str) -> bool:
-    try:
-        get(name)
-        return True
-    except KeyError:
-        return False
 
 
 @ModelBase.register("MekiForCausalLM")
@@ -178,7 +171,8 @@ class MekiModel(TextModel):
             return _Eager(self.model_tensors[name])
 
         def chunk(lo: int, hi: int) -> Callable[[], np.ndarray]:
-            return lambda: fold_rows(get, lo, hi, L, hp["norm_eps"], folded, self.fold_dtype).float().numpy()
+            return lambda: fold_rows(get, lo, hi, L, hp["norm_eps"], folded, bool(hp["gate_on_residual"]),
+                                     self.fold_dtype).float().numpy()
 
         n = self.fold_chunk
         table = gguf.LazyChunkedTensor([chunk(lo, min(lo + n, V)) for lo in range(0, V, n)],
