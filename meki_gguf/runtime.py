@@ -10,6 +10,7 @@ page cache, generate, then count which pages of the table the kernel holds (minc
 """
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import mmap
 import os
@@ -29,18 +30,65 @@ TABLE = "meki_mem.weight"
 
 
 def load(path: str | Path, *, table_resident: bool = False, n_ctx: int = 2048, **llama_kwargs):
-    """Open the MeKi GGUF `path` with llama-cpp-python; llama_kwargs go to `llama_cpp.Llama`."""
+    """Open the MeKi GGUF `path` with llama-cpp-python; llama_kwargs go to `llama_cpp.Llama`.
+    MekiError if llama.cpp refuses the file, with llama.cpp's own reason."""
     path = Path(path)
-    read_header(path, meki=True)                     # a clear error before llama.cpp's own
+    # a clear error for a missing, non-GGUF or non-MeKi file before llama.cpp's own; the tensor
+    # bounds are left to llama.cpp, which checks them itself and names the tensor
+    read_header(path, meki=True, bounds=False)
     from llama_cpp import Llama
 
     llama_kwargs.setdefault("verbose", False)
+    with _llama_errors() as errors:
+        try:
+            return Llama(model_path=str(path), n_ctx=n_ctx,
+                         tensor_read_lazy="off" if table_resident else "auto", **llama_kwargs)
+        except ValueError as e:                      # llama-cpp-python's bare "Failed to load model ..."
+            reason = _load_reason(errors) or str(e)
+    hint = ""
+    if "unknown model architecture" in reason:      # a stock llama.cpp: it does not know 'meki'
+        hint = "; this llama.cpp lacks the MeKi patch: is the patched llama-cpp-python installed? run scripts/install.sh"
+    raise MekiError(f"{path}: llama.cpp could not load it: {reason}{hint}")
+
+
+@contextlib.contextmanager
+def _llama_errors():
+    """Collect the error lines llama.cpp and ggml log while the block runs. llama-cpp-python sends
+    them to /dev/null unless verbose and raises only "Failed to load model from file", so the
+    reason would be lost; its own log callback still gets every line, and is put back after."""
+    import llama_cpp
+    from llama_cpp import _logger
+
+    errors: list[str] = []
+    last = [0]
+
+    @llama_cpp.llama_log_callback
+    def collect(level, text, user_data):
+        last[0] = last[0] if level == _GGML_LOG_CONT else level
+        if last[0] == _GGML_LOG_ERROR:
+            errors.append(text.decode("utf-8", "replace"))
+        _logger.llama_log_callback(level, text, user_data)
+
+    llama_cpp.llama_log_set(collect, ctypes.c_void_p(0))
     try:
-        return Llama(model_path=str(path), n_ctx=n_ctx,
-                     tensor_read_lazy="off" if table_resident else "auto", **llama_kwargs)
-    except ValueError as e:                          # llama-cpp-python's "Failed to load model ..."
-        raise MekiError(f"{path}: llama.cpp could not load it ({e}); is the patched llama-cpp-python "
-                        f"installed? run scripts/install.sh") from None
+        yield errors
+    finally:                                         # before `collect`, a local, is freed
+        llama_cpp.llama_log_set(_logger.llama_log_callback, ctypes.c_void_p(0))
+
+
+_GGML_LOG_ERROR, _GGML_LOG_CONT = 4, 5    # ggml.h enum ggml_log_level (llama_cpp/_logger.py has an older order)
+
+
+def _load_reason(errors: list[str]) -> str:
+    """The line of llama.cpp's error log that says why a load failed: X of the loader's last
+    "<function>: error loading model: X", else the last line other than its closing
+    "<function>: failed to load model"."""
+    lines = [" ".join(ln.split()) for ln in "".join(errors).splitlines() if ln.strip()]
+    for ln in reversed(lines):
+        if "error loading model: " in ln:
+            return ln.split("error loading model: ", 1)[1]
+    lines = [ln for ln in lines if not ln.endswith("failed to load model")]
+    return lines[-1] if lines else ""
 
 
 def llama_tool(name: str) -> Path:
@@ -73,9 +121,10 @@ _SCALAR = {T.UINT8: "B", T.INT8: "b", T.UINT16: "H", T.INT16: "h", T.UINT32: "I"
            T.FLOAT32: "f", T.BOOL: "?", T.UINT64: "Q", T.INT64: "q", T.FLOAT64: "d"}
 
 
-def read_header(path: str | Path, meki: bool = False) -> tuple[dict, dict[str, TensorInfo]]:
+def read_header(path: str | Path, meki: bool = False, bounds: bool = True) -> tuple[dict, dict[str, TensorInfo]]:
     """(metadata, arrays as their ArrayLen, plus GGUF.version; {tensor: TensorInfo}) of a GGUF file.
-    MekiError if it is missing or not a GGUF; with meki=True also if it is not a MeKi GGUF."""
+    MekiError if it is missing or not a GGUF; with meki=True also if it is not a MeKi GGUF; with
+    bounds=True also if it is truncated (a tensor's data runs past the end of the file)."""
     path = Path(path)
     if not path.is_file():
         raise MekiError(f"{path}: no such file" if not path.exists() else f"{path}: not a file")
@@ -125,7 +174,13 @@ def read_header(path: str | Path, meki: bool = False) -> tuple[dict, dict[str, T
     arch = kv.get("general.architecture")
     if meki and arch != "meki":
         raise MekiError(f"{path}: a {arch!r} GGUF, not a MeKi one (general.architecture is not 'meki')")
-    return kv, {name: TensorInfo(data + off, n, qtype, ne) for name, off, n, qtype, ne in infos}
+    tensors = {name: TensorInfo(data + off, n, qtype, ne) for name, off, n, qtype, ne in infos}
+    if bounds:                                       # a copy or download cut short
+        for name, t in sorted(tensors.items(), key=lambda it: it[1].offset):
+            if t.offset + t.nbytes > file_size:
+                raise MekiError(f"{path}: truncated: the data of tensor {name!r} ends at byte "
+                                f"{t.offset + t.nbytes}, past the end of the file ({file_size} bytes)")
+    return kv, tensors
 
 
 def table_range(path: str | Path) -> tuple[int, int]:

@@ -12,6 +12,10 @@ one chunk of tokens at a time (gguf.LazyChunkedTensor): never whole.
 """
 from __future__ import annotations
 
+import contextlib
+import errno
+import fcntl
+import glob
 import os
 import sys
 import uuid
@@ -201,11 +205,72 @@ def write_atomic(w: gguf.GGUFWriter, out: Path) -> None:
 
 def _atomic(out: Path, write: Callable[[Path], None]) -> None:
     """write(tmp) a temp file in out's folder, then os.replace it onto `out`; on any error or
-    Ctrl-C the temp file is removed, and a previous `out` is left as it was."""
+    Ctrl-C the temp file is removed, and a previous `out` is left as it was. A full disk or a
+    read-only folder is a MekiError. Temp files of killed runs (SIGKILL, power loss) are removed
+    first: the writer holds a lock on its temp file, which dies with the process."""
+    _remove_stale(out)
     tmp = out.parent / f".{out.name}.{uuid.uuid4().hex[:8]}.tmp"
+    fd = None
     try:
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+        with contextlib.suppress(OSError):       # a file system without locks: then no run removes it
+            fcntl.flock(fd, fcntl.LOCK_EX)
         write(tmp)
         os.replace(tmp, out)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
+    except BaseException as e:
+        code = e.errno if isinstance(e, OSError) else None
+        if fd is not None:                       # else tmp was never created (and may be another's)
+            if isinstance(e, OSError) and code is None:
+                code = _short_write_errno(fd)
+            with contextlib.suppress(OSError):
+                tmp.unlink()
+        if code is not None and (msg := _write_error(code, e, out, tmp)):
+            raise MekiError(msg) from None
         raise
+    finally:
+        if fd is not None:
+            os.close(fd)
+
+
+def _remove_stale(out: Path) -> None:
+    """Remove the temp files of `out` that no live writer holds the lock of."""
+    for p in out.parent.glob(f".{glob.escape(out.name)}.{'[0-9a-f]' * 8}.tmp"):   # _atomic's names
+        try:
+            fd = os.open(p, os.O_RDONLY)
+        except OSError:
+            continue
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            p.unlink()
+        except OSError:                          # a running conversion's (BlockingIOError), or not ours to remove
+            pass
+        finally:
+            os.close(fd)
+
+
+def _short_write_errno(fd: int) -> int | None:
+    """The errno of a short write that was reported without one: numpy's tofile (the tensors'
+    writes) raises a bare OSError("N requested and M written") on a full disk. Ask the file
+    system: write on at the end of the temp file (twice: the first may just fill its last block)."""
+    try:
+        size, block = os.fstat(fd).st_size, os.fstatvfs(fd).f_bsize
+        for _ in range(2):
+            size += os.pwrite(fd, bytes(block), size)
+    except OSError as e:
+        return e.errno
+    return None
+
+
+def _write_error(code: int, e: OSError, out: Path, tmp: Path) -> str | None:
+    """One line for the OSErrors (errno `code`) that are about the output's file system; None
+    for others, such as a checkpoint read failing mid-write."""
+    folder = os.path.abspath(out.parent)
+    what = {errno.ENOSPC: f"the disk holding {folder} is full",
+            errno.EDQUOT: f"the disk quota for {folder} is exceeded",
+            errno.EFBIG: "the file is too large for its file system",
+            errno.EROFS: f"{folder} is on a read-only file system"}.get(code)
+    if what is None and code in (errno.EACCES, errno.EPERM) and str(e.filename) == str(tmp):
+        what = f"no permission to replace {out}" if e.filename2 else f"no permission to write in {folder}"
+    if what is None:
+        return None
+    return f"cannot write {out}: {what} ({errno.errorcode[code]}: {os.strerror(code)}); nothing was written"

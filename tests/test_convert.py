@@ -5,6 +5,10 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
+import subprocess
+import sys
+import time
 from dataclasses import replace
 from pathlib import Path
 
@@ -391,6 +395,141 @@ def test_output_is_atomic(tmp_path, tok, monkeypatch, failure):
     write.write_gguf(load_checkpoint(src), out, tokenizer=tok)
     assert list(out_dir.iterdir()) == [out] and read(out)[0]["general.architecture"] == "meki"
     assert oct(os.stat(out).st_mode & 0o777) == oct(0o666 & ~_umask())
+
+
+# ---- the converter under faults: a full disk, a read-only folder, Ctrl-C, SIGKILL -------------
+
+@pytest.fixture
+def tmpfs(tmp_path):
+    """mount(options) -> an empty folder with a fresh tmpfs mounted on it (e.g. "size=1m"), unmounted
+    after the test. Skips where mounting is not permitted (needs root / CAP_SYS_ADMIN)."""
+    mounts = []
+
+    def mount(options: str) -> Path:
+        d = tmp_path / f"mnt{len(mounts)}"
+        d.mkdir()
+        if shutil.which("mount") is None:
+            pytest.skip("no mount command")
+        r = subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(d)], capture_output=True, text=True)
+        if r.returncode != 0:
+            print(f"\nskipped: cannot mount a tmpfs: {r.stderr.strip()}")
+            pytest.skip(f"cannot mount a tmpfs (needs root or CAP_SYS_ADMIN): {r.stderr.strip()}")
+        mounts.append(d)
+        return d
+    yield mount
+    for d in reversed(mounts):
+        subprocess.run(["umount", str(d)], check=True)
+
+
+def temps(out: Path) -> list[Path]:
+    """The converter's temp files for `out` (write._atomic's names)."""
+    return sorted(out.parent.glob(f".{out.name}.*.tmp"))
+
+
+def test_disk_full(tmp_path, tok, tmpfs):
+    """The disk fills up mid-write: a one-line error that says so and names the file, no OUT, no
+    temp file, and the space is free again (a model that fits converts next)."""
+    _, src = hf_ckpt(tmp_path, replace(TINY, vocab_size=4096, d_mem=64))   # 2.6 MiB with an f32 table
+    d = tmpfs("size=1m")
+    out = d / "m.gguf"
+    line = cli_error("convert", src, "-o", out, "--table-type", "f32", "--tokenizer", tok,
+                     needles=[f"cannot write {out}", "disk", "is full", "ENOSPC"])
+    print(f"\n{line}")
+    assert list(d.iterdir()) == []
+    _, small = hf_ckpt(tmp_path / "small")
+    assert cli("convert", small, "-o", out, "--tokenizer", tok).exit_code == 0
+    assert list(d.iterdir()) == [out]
+
+
+def test_read_only_output_folder(tmp_path, tok, tmpfs):
+    """A read-only output folder (a read-only mount: root ignores chmod): a one-line error, and
+    the previous OUT left as it was."""
+    _, src = hf_ckpt(tmp_path)
+    d = tmpfs("size=1m")
+    out = d / "m.gguf"
+    out.write_bytes(b"previous")
+    subprocess.run(["mount", "-o", "remount,ro", str(d)], check=True)
+    line = cli_error("convert", src, "-o", out, "--tokenizer", tok, needles=[f"cannot write {out}", "read-only", "EROFS"])
+    print(f"\n{line}")
+    assert list(d.iterdir()) == [out] and out.read_bytes() == b"previous"
+
+
+def test_output_folder_without_write_permission(tmp_path, tok):
+    """A folder the user may not write in (chmod 0555). Root ignores the mode, so the command runs
+    without the capabilities that let it (setpriv), as an ordinary user would."""
+    if os.geteuid() != 0 or shutil.which("setpriv") is None:
+        pytest.skip("needs root and setpriv to drop CAP_DAC_OVERRIDE")
+    _, src = hf_ckpt(tmp_path)
+    d = tmp_path / "out"
+    d.mkdir(mode=0o555)
+    out = d / "m.gguf"
+    r = subprocess.run(["setpriv", "--bounding-set=-dac_override,-dac_read_search,-fowner", sys.executable, "-m",
+                        "meki_gguf.cli", "convert", src, "-o", out, "--tokenizer", tok],
+                       capture_output=True, text=True, timeout=300)
+    print(f"\n{r.stderr.strip()}")
+    assert r.returncode == 1 and r.stderr.count("\n") == 1
+    assert r.stderr.startswith(f"error: cannot write {out}: no permission to write in {d} (EACCES"), r.stderr
+    assert list(d.iterdir()) == []
+
+
+@pytest.fixture(scope="module")
+def slow_src(tmp_path_factory) -> Path:
+    """A checkpoint whose conversion writes its temp file for seconds (32768 tokens, an f32 table of
+    32 MiB: ~9 s on 2 loaded cores)."""
+    return hf_ckpt(tmp_path_factory.mktemp("slow"), replace(TINY, vocab_size=32768, d_mem=128))[1]
+
+
+def start_convert(src: Path, out: Path, tok: Path, written: int = 8 << 20) -> subprocess.Popen:
+    """`meki-gguf convert` in its own process, returned once its temp file holds `written` bytes
+    (by default in the middle of the table, after the 4 MiB backbone)."""
+    p = subprocess.Popen([sys.executable, "-m", "meki_gguf.cli", "convert", str(src), "-o", str(out),
+                          "--table-type", "f32", "--tokenizer", str(tok)],
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 300
+    while sum(f.stat().st_size for f in temps(out) if f.exists()) < written:
+        if p.poll() is not None or time.time() > deadline:
+            p.kill()
+            pytest.fail(f"convert ended or stalled before writing {written} bytes (rc {p.returncode}): "
+                        f"{p.communicate()}")
+        time.sleep(0.005)
+    return p
+
+
+def test_ctrl_c_mid_conversion(tmp_path, tok, slow_src):
+    """SIGINT while the file is being written: exit 130 with `error: interrupted`, no OUT, and
+    the temp file removed."""
+    d = tmp_path / "out"
+    d.mkdir()
+    out = d / "m.gguf"
+    p = start_convert(slow_src, out, tok)
+    t = time.time()
+    p.send_signal(signal.SIGINT)
+    _, err = p.communicate(timeout=120)
+    print(f"\nSIGINT mid-table: exit {p.returncode} {time.time() - t:.2f} s later, stderr {err.strip()!r}")
+    assert p.returncode == 130 and err.strip() == "error: interrupted", err
+    assert list(d.iterdir()) == []
+
+
+def test_sigkill_mid_conversion_then_convert_again(tmp_path, tok, slow_src):
+    """SIGKILL cannot be caught: the temp file stays, no OUT. A live conversion's temp file is
+    never taken for a stale one (its writer holds a lock on it); the dead one's is, and the next
+    conversion removes it and succeeds."""
+    d = tmp_path / "out"
+    d.mkdir()
+    out = d / "m.gguf"
+    p = start_convert(slow_src, out, tok)
+    live = temps(out)
+    write._remove_stale(out)                          # what a second run would do now
+    assert temps(out) == live
+    p.kill()
+    p.wait(timeout=60)
+    stale = temps(out)
+    print(f"\nafter SIGKILL: {[f.name for f in stale]} ({sum(f.stat().st_size for f in stale) / 2**20:.1f} MiB), "
+          f"OUT exists: {out.exists()}")
+    assert stale == live and not out.exists()
+    r = cli("convert", slow_src, "-o", out, "--table-type", "f32", "--tokenizer", tok)
+    assert r.exit_code == 0, r.output
+    assert list(d.iterdir()) == [out] and read(out)[0]["general.architecture"] == "meki"
 
 
 def _umask() -> int:
