@@ -17,6 +17,8 @@ mean KL <= MAX_MEAN_KL.
 """
 from __future__ import annotations
 
+import subprocess
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -72,6 +74,27 @@ def llama_greedy(llm, prompt: list[int], n: int) -> tuple[list[int], np.ndarray]
     return out, np.array(llm.scores[:llm.n_tokens], dtype=np.float64)
 
 
+def tool_greedy(exe: str | Path, path: str | Path, prompt: list[int], n: int, *, forced: list[int] = (),
+                emulator: list[str] = (), n_ubatch: int = 16, n_batch: int = 64, n_ctx: int = 256,
+                args: list[str] = (), env: dict | None = None, timeout: float = 600) -> tuple[list[int], np.ndarray, str]:
+    """llama_greedy through the llama-logits tool of a build (another CPU under `emulator`, a GPU
+    backend through `args` such as ["-ngl", "99"]), with the settings of `open_llama`. With `forced`
+    (n - 1 tokens) the decode steps feed those instead of the tool's own choices, so that two builds
+    evaluate the same sequence. Returns (greedy tokens, logits, the tool's log)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp) / "logits.f32"
+        cmd = [*emulator, str(exe), "-m", str(path), "-p", ",".join(map(str, prompt)), "-n", str(n),
+               "-o", str(out), "-b", str(n_batch), "-ub", str(n_ubatch), "-c", str(n_ctx), *args]
+        if forced:
+            cmd += ["-f", ",".join(map(str, forced))]
+        r = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
+        if r.returncode != 0:
+            raise RuntimeError(f"{' '.join(cmd[:len(emulator) + 1])} failed ({r.returncode}): {r.stderr[-2000:]}")
+        greedy = [int(t) for t in r.stdout.split("greedy:")[1].split()]
+        logits = np.fromfile(out, dtype=np.float32).reshape(len(prompt) + n - 1, -1)
+    return greedy, logits.astype(np.float64), r.stderr
+
+
 @torch.no_grad()
 def reference_logits(model: MekiForCausalLM, ids: list[int]) -> np.ndarray:
     return model(torch.tensor([ids])).logits[0].double().numpy()
@@ -107,7 +130,19 @@ class Parity:
 
 def compare(llm, model: MekiForCausalLM, prompt: list[int], n_gen: int = 32) -> Parity:
     """Run `prompt` + n_gen greedy tokens through llama.cpp (`open_llama`) and the reference."""
-    greedy, logits = llama_greedy(llm, prompt, n_gen)
+    return against_reference(model, prompt, *llama_greedy(llm, prompt, n_gen))
+
+
+def against(prompt: list[int], greedy: list[int], logits: np.ndarray, base: np.ndarray, greedy_base: list[int]) -> Parity:
+    """Parity of one llama.cpp build against another's logits `base` over the same sequence
+    (`tool_greedy` with forced=greedy_base[:-1])."""
+    return Parity(n_prompt=len(prompt), rel_err=rel_err(logits, base), kl=kl(base, logits),
+                  top1=float((logits.argmax(-1) == base.argmax(-1)).mean()), greedy=greedy, greedy_ref=greedy_base)
+
+
+def against_reference(model: MekiForCausalLM, prompt: list[int], greedy: list[int], logits: np.ndarray) -> Parity:
+    """Parity of llama.cpp's greedy continuation and logits (llama_greedy, tool_greedy) against the reference."""
+    n_gen = len(greedy)
     ref = reference_logits(model, prompt + greedy[:-1])
     # The reference is causal: its argmax after prompt + greedy[:i] is its greedy token i as long
     # as both continuations agree so far, so one forward pass settles them; it generates on its

@@ -13,6 +13,12 @@ its inputs did not change, so a re-run with nothing changed takes seconds:
   5. install llama-cpp-python's Python package (patches/llama-cpp-python/*.patch applied) with
      LLAMA_BUILD=OFF and copy our shared libraries into it, so the binding and the tools share
      one build; install gguf-py and llama.cpp's conversion package from the same tree.
+
+Other targets build the same patched tree (docs/DEVICES.md), each into its own folder, tools in
+build/<target>/bin; they are for the tools (and for llama-cpp-python through LLAMA_CPP_LIB_PATH):
+  --target aarch64   cross-compiled for a phone-class ARM64 CPU (armv8.2-a+dotprod+fp16) with
+                     Debian's aarch64-linux-gnu toolchain; run under qemu-aarch64 on x86;
+  --vulkan           the Vulkan backend (Mesa's lavapipe runs it without a GPU).
 """
 from __future__ import annotations
 
@@ -22,7 +28,6 @@ import hashlib
 import os
 import re
 import shutil
-import site
 import subprocess
 import sys
 import tarfile
@@ -37,13 +42,55 @@ CMAKE_DIR = BUILD / "cmake"    # build of the patched tree
 STOCK = BUILD / "stock"        # stock libllama + ggml, for the "stock llama.cpp refuses" test
 PY_PKG = BUILD / "py"          # patched llama-cpp-python package source (without vendor/)
 
-TOOLS = ["llama-cli", "llama-server", "llama-bench", "llama-quantize", "llama-perplexity", "test-backend-ops"]
+TOOLS = ["llama-cli", "llama-server", "llama-bench", "llama-quantize", "llama-perplexity", "test-backend-ops",
+         "llama-logits"]
+# the other targets: the command-line tools without the server (and the multimodal library the
+# server and llama-cli pull in), which would double their build time
+TARGET_TOOLS = ["llama-completion", "llama-bench", "llama-quantize", "llama-perplexity", "test-backend-ops",
+                "llama-logits"]
 CMAKE_FLAGS = [
     "-G", "Ninja", "-DCMAKE_BUILD_TYPE=Release", "-DBUILD_SHARED_LIBS=ON",
     "-DCMAKE_BUILD_RPATH_USE_ORIGIN=ON",          # libs and tools find each other wherever copied
     "-DLLAMA_BUILD_UI=OFF", "-DLLAMA_USE_PREBUILT_UI=OFF",   # offline: no web-UI download
     "-DLLAMA_CURL=OFF", "-DLLAMA_OPENSSL=OFF", "-DLLAMA_BUILD_TESTS=ON", "-DLLAMA_BUILD_EXAMPLES=OFF",
 ]
+
+
+# A phone-class ARM64 CPU: ARMv8.2-A with the dot-product and half-precision extensions is what
+# every phone SoC since ~2018 has (Cortex-A55/A75 and later); no SVE (few phones have it, and
+# qemu's default 512-bit SVE is unlike any phone) and no i8mm (ARMv8.6, phones since ~2021).
+ARM64_ARCH = "armv8.2-a+dotprod+fp16"
+QEMU_CPU = "cortex-a76"          # a qemu CPU with exactly that baseline: v8.2, dotprod, fp16, no SVE/i8mm
+AARCH64_SYSROOT = Path("/usr/aarch64-linux-gnu")
+TARGETS = {  # name -> (extra CMake flags, Debian packages it needs)
+    "aarch64": ([
+        "-DCMAKE_SYSTEM_NAME=Linux", "-DCMAKE_SYSTEM_PROCESSOR=aarch64",
+        "-DCMAKE_C_COMPILER=aarch64-linux-gnu-gcc", "-DCMAKE_CXX_COMPILER=aarch64-linux-gnu-g++",
+        f"-DCMAKE_FIND_ROOT_PATH={AARCH64_SYSROOT}", "-DGGML_NATIVE=OFF", f"-DGGML_CPU_ARM_ARCH={ARM64_ARCH}",
+        f"-DCMAKE_CROSSCOMPILING_EMULATOR=qemu-aarch64;-cpu;{QEMU_CPU};-L;{AARCH64_SYSROOT}",
+    ], ["gcc-aarch64-linux-gnu", "g++-aarch64-linux-gnu", "qemu-user"]),
+    # lavapipe is a CPU-type Vulkan device: ggml-vulkan uses it only with GGML_VK_VISIBLE_DEVICES set
+    "vulkan": (["-DGGML_VULKAN=ON"], ["libvulkan-dev", "glslc", "spirv-headers", "mesa-vulkan-drivers"]),
+}
+
+
+def qemu_cmd() -> list[str]:
+    """How to run an aarch64 tool on this machine (empty on an ARM64 host)."""
+    return [] if os.uname().machine == "aarch64" else ["qemu-aarch64", "-cpu", QEMU_CPU, "-L", str(AARCH64_SYSROOT)]
+
+
+def apt_install(packages: list[str]) -> None:
+    """Install the missing Debian packages (as install.sh does for ccache), or say which are missing."""
+    missing = [p for p in packages
+               if subprocess.run(["dpkg", "-s", p], capture_output=True).returncode != 0]
+    if not missing:
+        return
+    if shutil.which("apt-get") and os.geteuid() == 0:
+        run(["apt-get", "update", "-qq"], stdout=subprocess.DEVNULL)
+        run(["apt-get", "install", "-y", "-qq", *missing], stdout=subprocess.DEVNULL,
+            env={"DEBIAN_FRONTEND": "noninteractive"})
+    else:
+        sys.exit(f"error: this target needs the Debian packages {' '.join(missing)}: install them (as root)")
 
 
 def log(msg: str) -> None:
@@ -144,8 +191,8 @@ def sync_tree(pristine: Path, dest: Path, files: dict[str, bytes]) -> bool:
     return changed
 
 
-def cmake_build(src: Path, build_dir: Path, targets: list[str], jobs: int) -> None:
-    run(["cmake", "-S", str(src), "-B", str(build_dir), *CMAKE_FLAGS], stdout=subprocess.DEVNULL)
+def cmake_build(src: Path, build_dir: Path, targets: list[str], jobs: int, extra: list[str] = ()) -> None:
+    run(["cmake", "-S", str(src), "-B", str(build_dir), *CMAKE_FLAGS, *extra], stdout=subprocess.DEVNULL)
     run(["cmake", "--build", str(build_dir), "-j", str(jobs), "--target", *targets])
 
 
@@ -213,6 +260,9 @@ def install_python(sdist: Path) -> None:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("-j", "--jobs", type=int, default=os.cpu_count() or 2)
+    ap.add_argument("--target", choices=["x86_64", "aarch64"], default=os.uname().machine,
+                    help="CPU to build for (aarch64: cross-compiled on x86, into build/aarch64)")
+    ap.add_argument("--vulkan", action="store_true", help="the Vulkan backend, into build/vulkan")
     ap.add_argument("--check-patches", action="store_true",
                     help="only check that cpp/ and patches/ apply to the pinned source")
     args = ap.parse_args()
@@ -231,6 +281,17 @@ def main() -> None:
     log(f"llama-cpp-python {version}: {len(patches) + len(py_patches)} patches and "
         f"{sum(1 for _ in (ROOT / 'cpp').rglob('*.*'))} new files apply to the pinned source")
     if args.check_patches:
+        return
+
+    other = "vulkan" if args.vulkan else args.target if args.target != os.uname().machine else None
+    if other:           # the same tree for another target: the tools only, in build/<target>/bin
+        if args.vulkan and args.target != os.uname().machine:
+            sys.exit("error: --vulkan builds for this machine's CPU only")
+        flags, packages = TARGETS[other]
+        apt_install(packages)
+        sync_tree(pristine, SRC, files)
+        cmake_build(SRC, BUILD / other, ["llama", *TARGET_TOOLS], args.jobs, flags)
+        log(f"done: tools in build/{other}/bin")
         return
 
     build_stock(pristine, args.jobs)

@@ -28,8 +28,9 @@ from click.testing import CliRunner
 
 from meki_gguf import parity, runtime
 from meki_gguf.cli import main
+from meki_gguf.errors import MekiError
 from meki_gguf.parity import MAX_REL_ERR, reference_logits, rel_err
-from meki_models import TINY, build, corpus_ids, tokenizer
+from meki_models import TINY, build
 
 ROOT = Path(__file__).resolve().parents[1]
 STOCK = ROOT / "build" / "stock"             # unpatched libllama + ggml (scripts/build_llama.py)
@@ -42,17 +43,6 @@ RELEASED = (True, False, True)               # the released training script: TE,
 def variant_id(v) -> str:
     gate, qk, tied = v
     return f"{'te' if gate else 'paper'}-{'qk' if qk else 'noqk'}-{'tied' if tied else 'untied'}"
-
-
-@pytest.fixture(scope="session")
-def tok(tmp_path_factory) -> Path:
-    return tokenizer(tmp_path_factory.mktemp("tok"))
-
-
-@pytest.fixture(scope="session")
-def prompt(tok) -> list[int]:
-    """50 tokens: four ubatches of 16 in one decode call."""
-    return corpus_ids(tok)[:50]
 
 
 @pytest.fixture(scope="session")
@@ -261,23 +251,17 @@ def test_stock_llama_cpp_refuses(base):
 
 # --- the table stays on storage -----------------------------------------------------------------
 
-@pytest.fixture(scope="module")
-def big(tmp_path_factory, tok) -> Path:
-    """A Qwen-sized vocabulary (151936 rows) and 1 KiB table rows (2 layers x 128 x f32): 148 MiB."""
-    c = replace(TINY, vocab_size=151936, d_mem=128)
-    _, paths = build(tmp_path_factory.mktemp("big"), tok, c, types=(("f16", "f32"),), trained=False)
-    return paths["f16", "f32"]
-
-
 def test_table_not_resident_after_generation(big):
     off, nbytes = runtime.table_range(big)
     ps, row = os.sysconf("SC_PAGE_SIZE"), nbytes // 151936
     per_row = math.ceil(row / ps) + 1                       # a row may straddle a page boundary
     figures = {}
-    for resident in (False, True):
+    # load mode none (no mmap) is what llama.cpp picks where a device cannot map files (integrated
+    # GPUs): the table must stay lazy there too
+    for resident, use_mmap in ((False, True), (False, False), (True, True)):
         runtime.evict(big)
         assert runtime.resident_pages(big, off, nbytes)[0] == 0, "eviction failed: is the file on tmpfs?"
-        llm = runtime.load(big, table_resident=resident, n_ctx=256)
+        llm = runtime.load(big, table_resident=resident, n_ctx=256, use_mmap=use_mmap)
         after_load, total = runtime.resident_pages(big, off, nbytes)
         # the first pass faults the backbone in; the kernel's read-around of its last tensor spills
         # a few MiB into the table, whatever the table's size: measure the table's own reads after it
@@ -287,15 +271,17 @@ def test_table_not_resident_after_generation(big):
         llm("Pack my box with five dozen liquor jugs", max_tokens=32, temperature=0)
         seen = set(llm.input_ids[:llm.n_tokens].tolist())   # the rows gathered
         after_gen, _ = runtime.resident_pages(big, off, nbytes)
-        figures[resident] = after_load, warm, after_gen, total, len(seen - seen_warm)
-        print(f"\ntable {nbytes / 2**20:.0f} MiB = {total} pages, {row} B rows; table_resident={resident}: "
+        figures[resident, use_mmap] = after_load, warm, after_gen, total, len(seen - seen_warm)
+        print(f"\ntable {nbytes / 2**20:.0f} MiB = {total} pages, {row} B rows; table_resident={resident}, "
+              f"use_mmap={use_mmap}: "
               f"{after_load} pages resident after load, {warm} after a 4-token warm-up, {after_gen} after "
               f"generating 32 more ({len(seen - seen_warm)} new distinct tokens evaluated)")
         del llm
-    after_load, warm, after_gen, total, new = figures[False]
-    assert after_gen - warm <= new * per_row + 8            # generation reads the rows it needs, nothing else
-    assert after_gen < total / 4
-    assert figures[True][0] >= 0.99 * total                 # resident on request
+    for use_mmap in (True, False):
+        after_load, warm, after_gen, total, new = figures[False, use_mmap]
+        assert after_gen - warm <= new * per_row + 8        # generation reads the rows it needs, nothing else
+        assert after_gen < total / 4
+    assert figures[True, True][0] >= 0.99 * total           # resident on request
 
 
 # --- llama-cli ----------------------------------------------------------------------------------
@@ -376,6 +362,54 @@ def test_cli_bad_model_is_a_one_line_error(tmp_path, command):
         assert r.exit_code != 0
         lines = r.stderr.strip().splitlines()
         assert len(lines) == 1 and lines[0].startswith("error: ") and needle in lines[0], r.stderr
+
+
+@pytest.fixture(scope="module")
+def cut(tmp_path_factory, tok) -> tuple[Path, Path]:
+    """(a small MeKi GGUF, a copy of it cut off in the middle of its table: a copy or download that
+    stopped early)."""
+    _, paths = build(tmp_path_factory.mktemp("cut"), tok, trained=False)
+    whole = paths["f32", "f32"]
+    off, nbytes = runtime.table_range(whole)
+    cut = whole.with_name("cut.gguf")
+    cut.write_bytes(whole.read_bytes()[:off + nbytes // 2])
+    return whole, cut
+
+
+def one_line_error(r) -> str:
+    assert r.returncode != 0
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), r.stderr
+    return lines[0]
+
+
+def test_truncated_file_errors_give_llama_cpp_reason(cut):
+    """llama.cpp refuses a truncated file; the error is llama.cpp's own reason, in one line (its
+    log is captured during the load), with no guess about the installation. `inspect` reads only
+    the header and says truncated."""
+    _, path = cut
+    with pytest.raises(MekiError) as e:
+        runtime.load(path)
+    msg = str(e.value)
+    assert "tensor 'meki_mem.weight' data is not within the file bounds" in msg and "install" not in msg, msg
+    line = one_line_error(run_cli("generate", path, "-p", "x"))
+    print(f"\ngenerate: {line}")
+    assert "llama.cpp could not load it: tensor 'meki_mem.weight' data is not within the file bounds, " \
+           "model is corrupted or incomplete" in line and "install" not in line
+    r = CliRunner().invoke(main, ["inspect", str(path)])
+    assert r.exit_code != 0
+    lines = r.stderr.strip().splitlines()
+    print(f"inspect: {lines}")
+    assert len(lines) == 1 and "truncated" in lines[0] and "'meki_mem.weight'" in lines[0], r.stderr
+
+
+def test_stock_llama_cpp_load_says_install(cut):
+    """The installation is blamed only on the evidence: a llama.cpp without the MeKi patch says
+    it does not know the architecture."""
+    assert (STOCK / "libllama.so").is_file(), f"no stock libllama in {STOCK}: run scripts/install.sh"
+    line = one_line_error(run_cli("generate", cut[0], "-p", "x", env={"LLAMA_CPP_LIB_PATH": str(STOCK)}))
+    print(f"\n{line}")
+    assert "unknown model architecture: 'meki'" in line and "scripts/install.sh" in line
 
 
 def test_cli_demo_then_chat_with_the_demo_model(tmp_path):

@@ -38,8 +38,11 @@ void llama_model_meki::load_arch_tensors(llama_model_loader & ml) {
     }
 
     // the table is what MeKi moves from RAM to storage: unless the user asked for it
-    // resident (lazy mode off), read it lazily whatever its size
-    if (ml.lazy.mode == LLAMA_LAZY_MODE_AUTO) {
+    // resident (lazy mode off), read it lazily whatever its size. The user's setting decides, not
+    // ml.lazy.mode: the loader turns AUTO off when a device cannot map the file (integrated GPUs,
+    // the phone case), but the table is gathered on the host whatever the devices, and a lazy
+    // context is mapped whatever the load mode
+    if (params.lazy_mode == LLAMA_LAZY_MODE_AUTO) {
         ml.lazy.mode = LLAMA_LAZY_MODE_ON;
     }
     per_layer_tok_embd = create_tensor(tn(LLM_TENSOR_MEKI_MEM, "weight"), {n_mem * n_layer, n_vocab}, TENSOR_READ_LAZY);
@@ -88,7 +91,8 @@ public:
     const ggml_tensor * mem;
 };
 
-// one gather per ubatch: every layer's memory row of every token, {n_mem * n_layer, n_tokens}
+// one gather per ubatch: every layer's memory row of every token, returned layer-major,
+// {n_mem, n_tokens, n_layer}
 ggml_tensor * llama_model_meki::graph::build_inp_mem(const llama_model_meki & model) {
     if (!ubatch.token) {
         throw std::runtime_error("MeKi needs token ids: its memory table is indexed by token, not by embedding");
@@ -98,6 +102,15 @@ ggml_tensor * llama_model_meki::graph::build_inp_mem(const llama_model_meki & mo
     }
     ggml_tensor * mem = ggml_get_rows(ctx0, model.per_layer_tok_embd, res->t_inp_tokens);
     cb(mem, "meki_mem", -1);
+
+    // the gather runs on the host, where the table is; with layers offloaded, the scheduler copies
+    // each layer's slice to that layer's backend. Layer-major, a slice is contiguous and the copies
+    // add up to the gathered rows; a strided slice of the token-major rows would be copied with
+    // the rows of every other layer, once per layer
+    const int64_t n_mem = hparams.n_embd_per_layer;
+    mem = ggml_reshape_3d(ctx0, mem, n_mem, n_layer, n_tokens);
+    mem = ggml_cont(ctx0, ggml_permute(ctx0, mem, 0, 2, 1, 3));
+    cb(mem, "meki_mem_layers", -1);
     return mem;
 }
 
@@ -167,7 +180,7 @@ llama_model_meki::graph::graph(const llama_model_meki & model, const llm_graph_p
         }
 
         // this layer's slice of the gathered memory rows
-        ggml_tensor * mem_l = ggml_view_2d(ctx0, mem, n_mem, n_tokens, mem->nb[1], il*n_mem*ggml_element_size(mem));
+        ggml_tensor * mem_l = ggml_view_2d(ctx0, mem, n_mem, n_tokens, mem->nb[1], il*mem->nb[2]);
 
         if (il == n_layer - 1 && inp_out_ids) {
             cur   = ggml_get_rows(ctx0,   cur, inp_out_ids);

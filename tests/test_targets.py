@@ -1,0 +1,306 @@
+"""The patched llama.cpp on the other targets (docs/DEVICES.md), against the PyTorch reference and
+the x86 build:
+
+* ARM64: cross-compiled for a phone-class CPU (armv8.2-a+dotprod+fp16), run under qemu-aarch64
+  as a Cortex-A76 (exactly that baseline: no SVE, no i8mm), so the NEON/dot-product kernels run;
+* Vulkan: Mesa's lavapipe, a software Vulkan device, with all layers or half of them offloaded.
+
+Each build's `llama-logits` tool (cpp/tools/logits) evaluates a prompt in one decode call split
+into ubatches, then greedy 1-token steps, and writes its logits; parity.py compares them. Builds:
+`scripts/build_llama.py --target aarch64` and `--vulkan` (`scripts/check_targets` runs both and
+these tests). Figures are printed: run with -s to see them.
+"""
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import subprocess
+import sys
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+
+from meki_gguf import parity, runtime
+from meki_gguf.parity import MAX_MEAN_KL, MAX_REL_ERR, MIN_TOP1
+from meki_gguf.quantize import quantize
+from meki_models import TINY, build
+
+ROOT = Path(__file__).resolve().parents[1]
+X86 = runtime.LLAMA_BIN
+BUILDS = {"aarch64": (ROOT / "build" / "aarch64" / "bin", "--target aarch64"),
+          "vulkan": (ROOT / "build" / "vulkan" / "bin", "--vulkan")}
+# ggml-vulkan skips CPU-type devices such as lavapipe unless they are listed; f16 off as in
+# upstream's lavapipe CI (lavapipe's f16 arithmetic is emulated)
+VK_ENV = {**os.environ, "GGML_VK_VISIBLE_DEVICES": "0", "GGML_VK_DISABLE_F16": "1"}
+VK_MAX_REL_ERR = 1e-3
+N_GEN = 32
+QUANTIZED = [("f16", "q8_0"), ("q4_0", "q4_0")]          # (backbone, table)
+
+pytestmark = pytest.mark.targets
+
+
+def tool(target: str, name: str = "llama-logits") -> Path:
+    folder, flag = BUILDS[target]
+    exe = folder / name
+    assert exe.is_file(), f"no {target} build of {name} in {folder}: run scripts/build_llama.py {flag}"
+    return exe
+
+
+@pytest.fixture(scope="session")
+def qemu() -> list[str]:
+    sys.path.insert(0, str(ROOT / "scripts"))
+    from build_llama import qemu_cmd    # the CPU qemu emulates is the build's, written once
+    cmd = qemu_cmd()
+    if cmd and shutil.which(cmd[0]) is None:
+        pytest.skip("qemu-aarch64 is not installed (Debian: apt-get install qemu-user): the ARM64 build cannot run here")
+    return cmd
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory, tok):
+    """variant -> (reference, {(backbone, table): GGUF}) for the released variant and its opposite
+    (paper gate, QK-norm, untied), so both gate paths and both output heads run on each target."""
+    cache = {}
+
+    def get(v):
+        if v not in cache:
+            gate, qk, tied = v
+            root = tmp_path_factory.mktemp(f"targets-{int(gate)}{int(qk)}{int(tied)}")
+            ckpt, paths = build(root, tok, replace(TINY, gate_on_residual=gate, qk_norm=qk, tied=tied),
+                                types=(("f32", "f32"), ("f16", "q8_0")))
+            paths["q4_0", "q4_0"] = quantize(paths["f32", "f32"], root / "q4_0-q4_0.gguf", "q4_0", "q4_0")
+            cache[v] = parity.reference(ckpt), paths
+        return cache[v]
+    return get
+
+
+RELEASED, OPPOSITE = (True, False, True), (False, True, False)
+
+
+def x86_baseline(path: Path, prompt: list[int]):
+    """The x86 build's greedy continuation and logits of `path`."""
+    greedy, logits, _ = parity.tool_greedy(tool_x86(), path, prompt, N_GEN)
+    return greedy, logits
+
+
+def tool_x86() -> Path:
+    exe = X86 / "llama-logits"
+    assert exe.is_file(), f"no {exe}: run scripts/install.sh"
+    return exe
+
+
+def check_reference(p: parity.Parity, max_rel_err: float) -> None:
+    assert p.max_rel_err <= max_rel_err
+    assert p.top1 == 1.0
+    assert p.greedy == p.greedy_ref
+
+
+def check_quantized(p: parity.Parity) -> None:
+    assert p.top1 >= MIN_TOP1
+    assert p.mean_kl <= MAX_MEAN_KL
+
+
+# --- ARM64 under qemu ---------------------------------------------------------------------------
+
+@pytest.mark.parametrize("variant", [RELEASED, OPPOSITE], ids=["te-noqk-tied", "paper-qk-untied"])
+def test_aarch64_f32_matches_reference(files, prompt, qemu, variant):
+    ref, paths = files(variant)
+    p = parity.against_reference(ref, prompt, *parity.tool_greedy(tool("aarch64"), paths["f32", "f32"], prompt,
+                                                                    N_GEN, emulator=qemu)[:2])
+    print(f"\nARM64 f32 vs reference: {p.summary()}")
+    check_reference(p, MAX_REL_ERR)
+
+
+@pytest.mark.parametrize("types", QUANTIZED, ids=lambda t: "-".join(t))
+def test_aarch64_quantized_matches_x86(files, prompt, qemu, types):
+    """The quantized kernels differ by CPU (ARM's dot-product and repacked q4_0 paths): the same
+    sequence through both builds."""
+    _, paths = files(RELEASED)
+    greedy, base = x86_baseline(paths[types], prompt)
+    arm_greedy, logits, _ = parity.tool_greedy(tool("aarch64"), paths[types], prompt, N_GEN,
+                                               forced=greedy[:-1], emulator=qemu)
+    p = parity.against(prompt, arm_greedy, logits, base, greedy)
+    print(f"\nARM64 vs x86, {'/'.join(types)}: {p.summary()}")
+    check_quantized(p)
+
+
+def residency(path: Path, exe: Path, emulator: list[str] = (), args: list[str] = (), env=None) -> dict:
+    """The measurement of test_runtime.py's test_table_not_resident_after_generation, through a
+    build's llama-logits: drop the file from the page cache, run a 4-token warm-up (it faults the
+    backbone in; the kernel's read-around of the last backbone tensor spills into the table), then
+    16 tokens spread over the vocabulary + 16 greedy steps, and count the table's cached pages."""
+    off, nbytes = runtime.table_range(path)
+    n_vocab, page = runtime.read_header(path)[1][runtime.TABLE].shape[1], os.sysconf("SC_PAGE_SIZE")
+    run = dict(emulator=emulator, args=args, env=env)
+    runtime.evict(path)
+    assert runtime.resident_pages(path, off, nbytes)[0] == 0, "eviction failed: is the file on tmpfs?"
+    warm_ids = [1, 2, 3, 4]
+    parity.tool_greedy(exe, path, warm_ids, 1, **run)
+    warm, total = runtime.resident_pages(path, off, nbytes)
+    ids = [(i * 9973 + 5) % n_vocab for i in range(1, 17)]               # distinct rows, far apart
+    greedy, _, log = parity.tool_greedy(exe, path, ids, 16, **run)
+    after, _ = runtime.resident_pages(path, off, nbytes)
+    new = len(set(ids + greedy[:-1]) - set(warm_ids))
+    return dict(total=total, row_bytes=nbytes // n_vocab, warm=warm, after=after, new_rows=new,
+                per_row=-(-(nbytes // n_vocab) // page) + 1, log=log)
+
+
+def check_residency(f: dict, strict: bool = True) -> None:
+    """Load + warm-up leave the table uncached; strict: gathering reads the rows it needs, nothing else."""
+    print(f"table {f['total']} pages, {f['row_bytes']} B rows: {f['warm']} pages cached after load and a 4-token "
+          f"warm-up, {f['after']} after {f['new_rows']} more distinct rows were gathered")
+    assert f["warm"] < f["total"] / 4
+    if strict:
+        assert f["after"] - f["warm"] <= f["new_rows"] * f["per_row"] + 8
+        assert f["after"] < f["total"] / 4
+
+
+# qemu-user drops madvise hints (only MADV_DONTNEED/WIPEONFORK pass: linux-user/mmap.c, target_madvise),
+# so under qemu the kernel reads ahead around each row the ARM64 build faults in, as it would for
+# any build without llama.cpp's MADV_RANDOM. Measured here: the x86 build with madvise turned into
+# a no-op (this shim, LD_PRELOAD) caches the same pages as the ARM64 build under qemu.
+NO_MADVISE = """#include <stddef.h>
+int madvise(void *a, size_t n, int advice) { (void) a; (void) n; (void) advice; return 0; }
+int posix_madvise(void *a, size_t n, int advice) { (void) a; (void) n; (void) advice; return 0; }
+"""
+
+
+def test_aarch64_table_stays_lazy(big, qemu, tmp_path):
+    """The ARM64 loader maps the table lazily (load + a 4-token run leave it uncached, where a
+    resident table would be read whole), and gathering rows touches the pages the x86 build
+    touches: the same page-cache footprint as x86 without madvise hints, which is what qemu runs."""
+    shim = tmp_path / "no_madvise.so"
+    (tmp_path / "no_madvise.c").write_text(NO_MADVISE)
+    subprocess.run(["cc", "-shared", "-fPIC", "-o", shim, tmp_path / "no_madvise.c"], check=True)
+    arm = residency(big, tool("aarch64"), qemu)
+    x86_hintless = residency(big, tool_x86(), env={**os.environ, "LD_PRELOAD": str(shim)})
+    x86 = residency(big, tool_x86())
+    for name, f in (("x86", x86), ("x86 without madvise", x86_hintless), ("ARM64 under qemu", arm)):
+        print(f"\n{name}: ", end="")
+        check_residency(f, strict=f is x86)
+    assert "meki_mem.weight (size = 148 MiB) lazy read enabled" in arm["log"]
+    assert "enabling prefetch for 'meki_mem.weight'" in arm["log"]
+    assert abs(arm["after"] - x86_hintless["after"]) <= 0.05 * x86_hintless["after"] + 64
+
+
+# --- Vulkan on lavapipe -------------------------------------------------------------------------
+
+def vk_args(ngl: int) -> dict:
+    return dict(args=["-ngl", str(ngl)], env=VK_ENV)
+
+
+@pytest.mark.parametrize("ngl", [99, 2], ids=["all-layers", "half-the-layers"])
+@pytest.mark.parametrize("variant", [RELEASED, OPPOSITE], ids=["te-noqk-tied", "paper-qk-untied"])
+def test_vulkan_f32_matches_reference(files, prompt, variant, ngl):
+    ref, paths = files(variant)
+    greedy, logits, log = parity.tool_greedy(tool("vulkan"), paths["f32", "f32"], prompt, N_GEN, **vk_args(ngl))
+    assert f"offloaded {min(ngl, TINY.n_layer + 1)}/{TINY.n_layer + 1} layers to GPU" in log
+    p = parity.against_reference(ref, prompt, greedy, logits)
+    print(f"\nVulkan (lavapipe, -ngl {ngl}) f32 vs reference: {p.summary()}")
+    check_reference(p, VK_MAX_REL_ERR)
+
+
+@pytest.mark.parametrize("types", QUANTIZED, ids=lambda t: "-".join(t))
+def test_vulkan_quantized_matches_cpu(files, prompt, types):
+    _, paths = files(RELEASED)
+    greedy, base = x86_baseline(paths[types], prompt)
+    vk_greedy, logits, _ = parity.tool_greedy(tool("vulkan"), paths[types], prompt, N_GEN, forced=greedy[:-1],
+                                              **vk_args(99))
+    p = parity.against(prompt, vk_greedy, logits, base, greedy)
+    print(f"\nVulkan (lavapipe, -ngl 99) vs CPU, {'/'.join(types)}: {p.summary()}")
+    check_quantized(p)
+
+
+def split_inputs(log: str) -> list[list[tuple[str, str, int]]]:
+    """ggml's scheduler log (GGML_SCHED_DEBUG=1): per graph, the inputs it copies between backends
+    as (backend of the split, tensor name, KiB)."""
+    graphs = []
+    for m in re.finditer(r"^## SPLIT #(\d+): (\S+) # \d+ inputs:?(.*)$", log, re.M):
+        if m.group(1) == "0":
+            graphs.append([])
+        graphs[-1] += [(m.group(2), name.strip(), int(kib))
+                       for name, kib in re.findall(r"\[(.+?) \(\s*(\d+)K\)\]", m.group(3))]
+    return graphs
+
+
+@pytest.mark.parametrize("ngl", [99, 2], ids=["all-layers", "half-the-layers"])
+def test_vulkan_table_stays_on_the_host(big, ngl):
+    """llama.cpp's own accounting: the device buffers hold the backbone, the table stays in the
+    mapped file (lazy, prefetched, only its gathered rows cached), and per ubatch the scheduler
+    copies the gathered rows to the device (1 KiB per token and layer here), never the table."""
+    _, tensors = runtime.read_header(big)
+    mib = {name: t.nbytes / 2**20 for name, t in tensors.items()}
+    table = mib.pop(runtime.TABLE)
+    f = residency(big, tool("vulkan"), args=["-ngl", str(ngl)], env={**VK_ENV, "GGML_SCHED_DEBUG": "1"})
+    print(f"\nVulkan (lavapipe, -ngl {ngl}): ", end="")
+    check_residency(f)
+    log = f["log"]
+    buffers = [(dev, float(size)) for dev, size in re.findall(r"load_tensors:\s+(\S+) model buffer size =\s+([\d.]+) MiB", log)]
+    print(f"model buffers (MiB): {buffers}; table {table:.2f} MiB, backbone {sum(mib.values()):.2f} MiB")
+    assert ("CPU_Mapped", round(table, 2)) in buffers, "the table is not in a mapped host buffer"
+    device = sum(size for dev, size in buffers if dev == "Vulkan0")
+    assert 0 < device < table and abs(sum(size for _, size in buffers) - table - sum(mib.values())) < 0.05
+    assert "meki_mem.weight (size = 148 MiB) lazy read enabled" in log
+    assert "enabling prefetch for 'meki_mem.weight'" in log
+
+    graphs = split_inputs(log)
+    layers_on_device = 1 if ngl == 2 else TINY.n_layer
+    row_kib = 128 * 4 / 1024                                  # d_mem 128, f32 rows
+    for g in graphs:
+        assert not any(name == runtime.TABLE for _, name, _ in g)
+        meki = [(backend, name, kib) for backend, name, kib in g if name.startswith("meki_mem")]
+        assert [b for b, _, _ in meki] == ["Vulkan0"], meki           # one copy per graph, to the device
+        # at most the gathered rows of the layers on the device for the largest ubatch (16 tokens)
+        assert meki[0][2] <= 16 * layers_on_device * row_kib, meki
+    sizes = sorted({kib for g in graphs for _, name, kib in g if name.startswith("meki_mem")})
+    print(f"{len(graphs)} graphs; the gathered rows copied to the device per graph: {sizes} KiB")
+
+
+# The ops the MeKi graph runs on the device (GGML_SCHED_DEBUG=2 lists them), as test-backend-ops
+# -o/-p filters: every case of the cheap ops; ROPE in MeKi's (Qwen3's) NEOX mode; SET_ROWS (the KV
+# cache) into f32 and f16; MUL_MAT for the backbone types, matrix-vector and matrix-matrix (the
+# suite's large MUL_MAT cases take hours on lavapipe). GET_ROWS covers every table type, views
+# (the last layer's output rows are a view of the gathered rows) and ADD strided/broadcast inputs.
+DEVICE_OPS = [("GET_ROWS,ADD,CONT,MUL,RMS_NORM,SIGMOID,SOFT_MAX,SWIGLU", None),
+              ("SET_ROWS", "type_dst=(f32|f16),"),
+              ("ROPE", "type=f32,.*mode=2,"),
+              ("MUL_MAT", "type_a=(f32|f16|q8_0|q4_0),type_b=f32,m=16,n=(1|16),k=256,")]
+# cases lavapipe refuses, outside MeKi's use: bf16 activations (MeKi's are f32); gathers of 70,000
+# rows or index batches and ROPE over 8192-row batches (lavapipe's dispatch limits; MeKi's device-side
+# gather picks at most n_ubatch rows, its ROPE sees n_ubatch tokens); MUL_MAT broadcasting src0
+# over dim 3 (nr=[x,2]; MeKi's grouped-query attention broadcasts over dim 2)
+OUTSIDE_USE = re.compile(r"type(_a)?=bf16|GET_ROWS\(.*(r=70000|be1=700)|ROPE\(.*ne_a=\[\d+,\d+,8192,|MUL_MAT\(.*nr=\[\d,2\]")
+
+
+def backend_ops(ops: str, params: str | None) -> tuple[int, int, list[str], str]:
+    """test-backend-ops on Vulkan0: (cases passed, cases run, cases not supported, log)."""
+    cmd = [tool("vulkan", "test-backend-ops"), "test", "-b", "Vulkan0", "-o", ops] + (["-p", params] if params else [])
+    r = subprocess.run(cmd, capture_output=True, text=True, env=VK_ENV, timeout=900)
+    out = re.sub(r"\x1b\[[0-9;]*m", "", r.stdout + r.stderr)
+    m = re.search(r"(\d+)/(\d+) tests passed", out)
+    passed, total = (int(m.group(1)), int(m.group(2))) if m and r.returncode == 0 else (0, -1)
+    return passed, total, [ln.strip() for ln in out.splitlines() if "not supported" in ln], out
+
+
+@pytest.mark.parametrize("ops,params", DEVICE_OPS, ids=[o.split(",")[0] if p is None else o for o, p in DEVICE_OPS])
+def test_vulkan_backend_ops(ops, params):
+    if ops != "MUL_MAT":
+        results = [backend_ops(ops, params)]
+    else:
+        # one process per case: lavapipe (Mesa 22.3) crashes now and then in its queue thread when
+        # one process runs many of these matrix-vector pipelines in a row (a SIGSEGV/SIGABRT inside
+        # libvulkan_lvp.so while ggml waits on its fence); each case alone runs clean
+        listing = subprocess.run([tool("vulkan", "test-backend-ops"), "support", "-b", "Vulkan0", "-o", ops, "-p", params],
+                                 capture_output=True, text=True, env=VK_ENV, timeout=300).stdout
+        cases = re.findall(r"MUL_MAT\((.*)\): SUPPORTED", re.sub(r"\x1b\[[0-9;]*m", "", listing))
+        assert cases, listing[-2000:]
+        results = [backend_ops(ops, "^" + re.escape(c) + "$") for c in cases]
+    passed, total = sum(r[0] for r in results), sum(r[1] for r in results)
+    unsupported = [u for r in results for u in r[2]]
+    print(f"\ntest-backend-ops -b Vulkan0 -o {ops}{' -p ' + params if params else ''}: {passed}/{total} cases passed "
+          f"in {len(results)} run(s), {len(unsupported)} not supported by lavapipe")
+    failed = [r[3][-2000:] for r in results if r[0] != r[1] or r[1] <= 0]
+    assert not failed, failed[0]
+    assert all(OUTSIDE_USE.search(u) for u in unsupported), [u for u in unsupported if not OUTSIDE_USE.search(u)]
