@@ -12,6 +12,7 @@ these tests). Figures are printed: run with -s to see them.
 """
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
@@ -304,3 +305,21 @@ def test_vulkan_backend_ops(ops, params):
     failed = [r[3][-2000:] for r in results if r[0] != r[1] or r[1] <= 0]
     assert not failed, failed[0]
     assert all(OUTSIDE_USE.search(u) for u in unsupported), [u for u in unsupported if not OUTSIDE_USE.search(u)]
+
+
+def test_vulkan_from_python(files, prompt):
+    """llama-cpp-python on the Vulkan build through LLAMA_CPP_LIB_PATH (docs/DEVICES.md): every
+    layer on the device, the greedy tokens of the CPU build."""
+    _, paths = files(RELEASED)
+    code = ("import json, sys; from meki_gguf import parity; "
+            "llm = parity.open_llama(sys.argv[1], n_gpu_layers=99, verbose=True); "
+            "print('greedy:', json.dumps(parity.llama_greedy(llm, json.loads(sys.argv[2]), 16)[0]))")
+    r = subprocess.run([sys.executable, "-c", code, str(paths["f32", "f32"]), json.dumps(prompt)],
+                       capture_output=True, text=True, timeout=300,
+                       env={**VK_ENV, "LLAMA_CPP_LIB_PATH": str(BUILDS["vulkan"][0])})
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert f"offloaded {TINY.n_layer + 1}/{TINY.n_layer + 1} layers to GPU" in r.stderr
+    greedy = json.loads(r.stdout.split("greedy:", 1)[1])
+    cpu, _, _ = parity.tool_greedy(tool_x86(), paths["f32", "f32"], prompt, 16)
+    print(f"\nllama-cpp-python on the Vulkan build: greedy {sum(a == b for a, b in zip(greedy, cpu))}/16 tokens as the CPU build's")
+    assert greedy == cpu
