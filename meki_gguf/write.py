@@ -250,15 +250,10 @@ def _remove_stale(out: Path) -> None:
 
 def _short_write_errno(fd: int) -> int | None:
     """The errno of a short write that was reported without one: numpy's tofile (the tensors'
-    writes) raises a bare OSError("N requested and M written") on a full disk. Ask the file
-    system: write on at the end of the temp file (twice: the first may just fill its last block)."""
-    try:
-        size, block = os.fstat(fd).st_size, os.fstatvfs(fd).f_bsize
-        for _ in range(2):
-            size += os.pwrite(fd, bytes(block), size)
-    except OSError as e:
-        return e.errno
-    return None
+    writes) raises a bare OSError("N requested and M written") on a full disk. ENOSPC if the
+    temp file's file system has no block left for us."""
+    st = os.fstatvfs(fd)
+    return errno.ENOSPC if st.f_bavail * st.f_frsize < st.f_bsize else None
 
 
 def _write_error(code: int, e: OSError, out: Path, tmp: Path) -> str | None:

@@ -29,8 +29,8 @@ from meki_gguf.quantize import quantize
 from meki_models import TINY, build
 
 ROOT = Path(__file__).resolve().parents[1]
-X86 = runtime.LLAMA_BIN
-BUILDS = {"aarch64": (ROOT / "build" / "aarch64" / "bin", "--target aarch64"),
+BUILDS = {"x86": (runtime.LLAMA_BIN, ""),                          # scripts/install.sh runs it
+          "aarch64": (ROOT / "build" / "aarch64" / "bin", "--target aarch64"),
           "vulkan": (ROOT / "build" / "vulkan" / "bin", "--vulkan")}
 # ggml-vulkan skips CPU-type devices such as lavapipe unless they are listed; f16 off as in
 # upstream's lavapipe CI (lavapipe's f16 arithmetic is emulated)
@@ -45,7 +45,7 @@ pytestmark = pytest.mark.targets
 def tool(target: str, name: str = "llama-logits") -> Path:
     folder, flag = BUILDS[target]
     exe = folder / name
-    assert exe.is_file(), f"no {target} build of {name} in {folder}: run scripts/build_llama.py {flag}"
+    assert exe.is_file(), f"no {target} build of {name} in {folder}: run scripts/build_llama.py {flag}".rstrip()
     return exe
 
 
@@ -82,14 +82,7 @@ RELEASED, OPPOSITE = (True, False, True), (False, True, False)
 
 def x86_baseline(path: Path, prompt: list[int]):
     """The x86 build's greedy continuation and logits of `path`."""
-    greedy, logits, _ = parity.tool_greedy(tool_x86(), path, prompt, N_GEN)
-    return greedy, logits
-
-
-def tool_x86() -> Path:
-    exe = X86 / "llama-logits"
-    assert exe.is_file(), f"no {exe}: run scripts/install.sh"
-    return exe
+    return parity.tool_greedy(tool("x86"), path, prompt, N_GEN)[:2]
 
 
 def check_reference(p: parity.Parity, max_rel_err: float) -> None:
@@ -176,8 +169,8 @@ def test_aarch64_table_stays_lazy(big, qemu, tmp_path):
     (tmp_path / "no_madvise.c").write_text(NO_MADVISE)
     subprocess.run(["cc", "-shared", "-fPIC", "-o", shim, tmp_path / "no_madvise.c"], check=True)
     arm = residency(big, tool("aarch64"), qemu)
-    x86_hintless = residency(big, tool_x86(), env={**os.environ, "LD_PRELOAD": str(shim)})
-    x86 = residency(big, tool_x86())
+    x86_hintless = residency(big, tool("x86"), env={**os.environ, "LD_PRELOAD": str(shim)})
+    x86 = residency(big, tool("x86"))
     for name, f in (("x86", x86), ("x86 without madvise", x86_hintless), ("ARM64 under qemu", arm)):
         print(f"\n{name}: ", end="")
         check_residency(f, strict=f is x86)
@@ -320,6 +313,6 @@ def test_vulkan_from_python(files, prompt):
     assert r.returncode == 0, r.stderr[-2000:]
     assert f"offloaded {TINY.n_layer + 1}/{TINY.n_layer + 1} layers to GPU" in r.stderr
     greedy = json.loads(r.stdout.split("greedy:", 1)[1])
-    cpu, _, _ = parity.tool_greedy(tool_x86(), paths["f32", "f32"], prompt, 16)
+    cpu, _, _ = parity.tool_greedy(tool("x86"), paths["f32", "f32"], prompt, 16)
     print(f"\nllama-cpp-python on the Vulkan build: greedy {sum(a == b for a, b in zip(greedy, cpu))}/16 tokens as the CPU build's")
     assert greedy == cpu
