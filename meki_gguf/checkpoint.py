@@ -19,12 +19,15 @@ import _compat_pickle
 import argparse
 import collections
 import contextlib
+import contextvars
 import copy
 import enum
 import json
+import math
 import pickle
 import random
 import re
+import reprlib
 import sys
 import types
 import zipfile
@@ -51,15 +54,18 @@ class Checkpoint:
 def load_checkpoint(path: str | Path) -> Checkpoint:
     """Detect the layout of `path` and open it lazily; MekiError on anything we cannot read."""
     p = Path(path)
-    if not p.exists():
-        raise MekiError(f"no such file or directory: {p}")
-    if p.is_file() and (p.suffix == ".safetensors" or p.name in ("config.json", _INDEX)):
-        p = p.parent
-    if p.is_dir() and (p / "config.json").is_file():
-        return _load_hf(p)
-    if p.is_dir() and any(p.glob("*.safetensors")):
-        raise MekiError(f"{p}: safetensors without a config.json (the Hugging Face-style layout needs both)")
-    return _load_megatron(_megatron_file(p))
+    try:
+        if not p.exists():
+            raise MekiError(f"no such file or directory: {p}")
+        if p.is_file() and (p.suffix == ".safetensors" or p.name in ("config.json", _INDEX)):
+            p = p.parent
+        if p.is_dir() and (p / "config.json").is_file():
+            return _load_hf(p)
+        if p.is_dir() and any(p.glob("*.safetensors")):
+            raise MekiError(f"{p}: safetensors without a config.json (the Hugging Face-style layout needs both)")
+        return _load_megatron(_megatron_file(p))
+    except OSError as e:      # pathlib's is_file() & co. raise these: EACCES, ENAMETOOLONG (an index's name), EIO
+        raise MekiError(f"cannot read the checkpoint {p}: {_first_line(e)}") from None
 
 
 class _LazyTensors(Mapping):
@@ -69,7 +75,13 @@ class _LazyTensors(Mapping):
         self._loaders = loaders
 
     def __getitem__(self, name: str) -> torch.Tensor:
-        return self._loaders[name]()
+        load = self._loaders[name]                 # KeyError stays a KeyError (Mapping)
+        try:
+            return load()
+        except MekiError:
+            raise
+        except Exception as e:                     # the file changed or lies about its data
+            raise MekiError(f"cannot read tensor {name}: {_first_line(e)}") from None
 
     def __contains__(self, name) -> bool:       # without loading the tensor
         return name in self._loaders
@@ -84,18 +96,42 @@ class _LazyTensors(Mapping):
         return f"<{len(self)} lazy tensors>"
 
 
-def _reference_shapes(c: MekiConfig) -> dict[str, torch.Size]:
-    """The reference model's state_dict names and shapes, in its order (a meta model: no memory)."""
-    with torch.device("meta"):
-        return {k: v.shape for k, v in MekiForCausalLM(c).state_dict().items()}
+def _reference_shapes(c: MekiConfig, origin: str) -> dict[str, torch.Size]:
+    """The reference model's state_dict names and shapes, in its order (a meta model: no memory).
+    Callers bound n_layer by the tensors present first: the model has modules per layer."""
+    try:
+        with torch.device("meta"):
+            return {k: v.shape for k, v in MekiForCausalLM(c).state_dict().items()}
+    except (RuntimeError, OverflowError, ValueError, TypeError) as e:   # a size, or a product of sizes, past int64
+        raise MekiError(f"{origin}: no model has these sizes ({_first_line(e)})") from None
+
+
+# Untrusted values in messages: bounded depth and length, quoted, so one line whatever a file holds
+_REPR = reprlib.Repr()
+_REPR.maxlevel, _REPR.maxstring, _REPR.maxother = 3, 100, 100
+
+
+def _brief(v) -> str:
+    # reprlib quotes strings (escaping their line breaks) but not other objects' own reprs (a tensor's)
+    return " ".join(line.strip() for line in _REPR.repr(v).splitlines())
+
+
+def _first_line(e: BaseException) -> str:
+    """A library's error message, for ours: its first line, at most 200 characters, with the
+    characters that could break a line escaped (a file's bytes end up in messages)."""
+    text = str(e).strip().split("\n")[0][:200]
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text) or type(e).__name__
 
 
 def _typed(v, kind: type, what: str):
-    """v as an int, float or bool; MekiError naming `what` otherwise (JSON and pickles hold anything)."""
+    """v as an int, float or bool; MekiError naming `what` otherwise (JSON and pickles hold anything).
+    Floats must be finite (JSON and pickles can spell NaN and infinity)."""
     ok = isinstance(v, bool) if kind is bool else (
         isinstance(v, (int, float) if kind is float else int) and not isinstance(v, bool))
     if not ok:
-        raise MekiError(f"{what}={v!r} is not a{'n' if kind is int else ''} {kind.__name__}")
+        raise MekiError(f"{what}={_brief(v)} is not a{'n' if kind is int else ''} {kind.__name__}")
+    if kind is float and not math.isfinite(v):
+        raise MekiError(f"{what}={_brief(v)} is not a finite number")
     return kind(v)
 
 
@@ -148,15 +184,15 @@ def export_hf(config: MekiConfig, tensors: Mapping[str, torch.Tensor], out_dir: 
 def _load_hf(folder: Path) -> Checkpoint:
     try:
         meta = json.loads((folder / "config.json").read_text())
-    except (OSError, ValueError) as e:
-        raise MekiError(f"{folder}/config.json: cannot read it as JSON ({e})") from None
+    except (OSError, ValueError, RecursionError) as e:     # RecursionError: deeply nested JSON
+        raise MekiError(f"{folder}/config.json: cannot read it as JSON ({_first_line(e)})") from None
     if not isinstance(meta, dict) or meta.get("model_type") != "meki":
         got = meta.get("model_type") if isinstance(meta, dict) else type(meta).__name__
-        raise MekiError(f"{folder}/config.json: not a MeKi config (model_type={got!r}, expected 'meki')")
+        raise MekiError(f"{folder}/config.json: not a MeKi config (model_type={_brief(got)}, expected 'meki')")
     names = [f.name for f in fields(MekiConfig)]
     unknown = sorted(set(meta) - set(names) - _hf_standard_keys())
     if unknown:                                    # a typo must not fall back to a default
-        raise MekiError(f"{folder}/config.json: unknown keys {unknown}")
+        raise MekiError(f"{folder}/config.json: unknown keys {_brief(unknown)}")
     missing = [n for n in names if n not in meta and n not in _OPTIONAL]   # defaults would invent a model
     if missing:
         raise MekiError(f"{folder}/config.json: missing keys {missing}")
@@ -169,13 +205,16 @@ def _load_hf(folder: Path) -> Checkpoint:
         try:
             h = safe_open(str(f), framework="pt")
         except Exception as e:
-            raise MekiError(f"{f}: not a readable safetensors file ({e})") from None
+            raise MekiError(f"{f}: not a readable safetensors file ({_first_line(e)})") from None
         for k in h.keys():
             handles[k] = h
-    expected = _reference_shapes(config)
+    if config.n_layer > len(handles):              # every layer has tensors; bounds the model built next
+        raise MekiError(f"{folder}: config.json has n_layer={config.n_layer} but the safetensors hold "
+                        f"only {len(handles)} tensors")
+    expected = _reference_shapes(config, f"{folder}/config.json")
     extra = [k for k in handles if k not in expected]
     if extra:
-        raise MekiError(f"{folder}: unknown tensor {extra[0]} (not in the MeKi layout for this config.json)")
+        raise MekiError(f"{folder}: unknown tensor {_brief(extra[0])} (not in the MeKi layout for this config.json)")
     for k, shape in expected.items():
         if k not in handles:
             raise MekiError(f"{folder}: missing tensor {k}")
@@ -194,11 +233,13 @@ def _hf_shards(folder: Path) -> list[Path]:
         try:
             weight_map = json.loads((folder / _INDEX).read_text())["weight_map"]
             files = sorted(set(weight_map.values()))
-        except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
-            raise MekiError(f"{folder}/{_INDEX}: malformed index ({e!r})") from None
+            if not all(isinstance(f, str) for f in files):
+                raise TypeError("weight_map names a shard by a non-string")
+        except (OSError, ValueError, KeyError, TypeError, AttributeError, RecursionError) as e:
+            raise MekiError(f"{folder}/{_INDEX}: malformed index ({type(e).__name__}: {_first_line(e)})") from None
         for f in files:
             if not (folder / f).is_file():
-                raise MekiError(f"{folder}/{_INDEX}: names {f}, which does not exist")
+                raise MekiError(f"{folder}/{_INDEX}: names {_brief(f)}, which does not exist")
         return [folder / f for f in files]
     raise MekiError(f"{folder}: has config.json but neither model.safetensors nor {_INDEX}")
 
@@ -221,7 +262,7 @@ class Opaque:
         self.state = state
 
     def __repr__(self):
-        return f"<{self.ref}{self.args!r}>"
+        return f"<{self.ref}{_brief(self.args)}>"
 
 
 class _Refused(MekiError):
@@ -230,18 +271,55 @@ class _Refused(MekiError):
 
 def _latin1(text: str, encoding: str = "latin1") -> bytes:
     if encoding not in ("latin1", "latin-1"):      # any other codec name would import a module
-        raise _Refused(f"the pickle calls _codecs.encode with encoding {encoding!r}")
+        raise _Refused(f"the pickle calls _codecs.encode with encoding {_brief(encoding)}")
     return text.encode("latin1")
+
+
+def _tensor_fits(storage, offset, size, stride) -> None:
+    """Refuse a tensor that reaches past its storage or has more elements than it (stride 0):
+    torch would grow a resizable storage (the legacy format's) to fit, and a stride-0 view of a
+    few bytes is a many-GiB tensor to whoever copies it. A tensor read from a file is at most
+    as large as the file then."""
+    n = storage._size()                           # elements of the storage's dtype (a TypedStorage)
+    if not (type(offset) is int and offset >= 0 and isinstance(size, (tuple, list))
+            and isinstance(stride, (tuple, list)) and len(size) == len(stride)
+            and all(type(x) is int and x >= 0 for x in (*size, *stride))):
+        raise _Refused(f"the pickle declares a tensor of size {_brief(size)}, stride {_brief(stride)}, "
+                       f"offset {_brief(offset)}")
+    numel = math.prod(size)
+    if numel and (numel > n or offset + sum((s - 1) * st for s, st in zip(size, stride)) >= n):
+        raise _Refused(f"the pickle declares a tensor of size {list(size)} (stride {list(stride)}, "
+                       f"offset {offset}) on a storage of {n} elements")
+
+
+def _rebuild_tensor(storage, storage_offset, size, stride):
+    _tensor_fits(storage, storage_offset, size, stride)
+    return torch._utils._rebuild_tensor(storage, storage_offset, size, stride)
+
+
+def _rebuild_tensor_v2(storage, storage_offset, size, stride, *rest):
+    _tensor_fits(storage, storage_offset, size, stride)
+    return torch._utils._rebuild_tensor_v2(storage, storage_offset, size, stride, *rest)
+
+
+def _rebuild_parameter_with_state(data, requires_grad, backward_hooks, state):
+    """A Parameter with attributes (Megatron's tensor_model_parallel, ...): none may shadow a
+    Tensor attribute (a `reshape` set to a placeholder would break the tensor's readers)."""
+    for d in (state if isinstance(state, tuple) else (state,)):
+        for k in (d or {}):
+            if not isinstance(k, str) or k.startswith("__") or hasattr(torch.Tensor, k):
+                raise _Refused(f"the pickle sets the attribute {_brief(k)} of a Parameter")
+    return torch._utils._rebuild_parameter_with_state(data, requires_grad, backward_hooks, state)
 
 
 # Real objects the unpickler may return: what torch.save needs for tensors, plus plain containers.
 _ALLOWED = {
     ("collections", "OrderedDict"): collections.OrderedDict,
     ("argparse", "Namespace"): argparse.Namespace,
-    ("torch._utils", "_rebuild_tensor"): torch._utils._rebuild_tensor,
-    ("torch._utils", "_rebuild_tensor_v2"): torch._utils._rebuild_tensor_v2,
+    ("torch._utils", "_rebuild_tensor"): _rebuild_tensor,
+    ("torch._utils", "_rebuild_tensor_v2"): _rebuild_tensor_v2,
     ("torch._utils", "_rebuild_parameter"): torch._utils._rebuild_parameter,
-    ("torch._utils", "_rebuild_parameter_with_state"): torch._utils._rebuild_parameter_with_state,
+    ("torch._utils", "_rebuild_parameter_with_state"): _rebuild_parameter_with_state,
     ("torch", "Size"): torch.Size,
     ("torch", "device"): torch.device,
     ("_codecs", "encode"): _latin1,              # protocol 2 spells bytes as encode(str, "latin1")
@@ -254,9 +332,23 @@ _OPAQUE_PACKAGES = {"megatron", "numpy", "transformer_engine", "apex"}
 _OPAQUE_EXACT = {"_io.BytesIO"}                   # Transformer Engine 1.x `_extra_state`
 _opaque_classes: dict[str, type] = {}
 _DTYPES = {k: v for k, v in vars(torch).items() if isinstance(v, torch.dtype)}   # no getattr: torch imports lazily
+# hash() of nested tuples recurses in C without a depth check: a pickle of a few MB that nests
+# tuples millions deep and hashes one (a dict key, a set member) crashes the process (SIGSEGV).
+# Real checkpoints nest tuples a few deep (RNG state).
+_MAX_TUPLE_DEPTH = 100
+_storage_limit: contextvars.ContextVar[int | None] = contextvars.ContextVar("_storage_limit", default=None)
 
 
-class _Unpickler(pickle.Unpickler):
+class _Unpickler(pickle._Unpickler):
+    """The pure-Python unpickler (pickle._Unpickler): unlike the C one, its opcodes can be
+    checked (`dispatch`). Checkpoint pickles are small (the tensors' data is elsewhere)."""
+
+    dispatch = dict(pickle._Unpickler.dispatch)
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._depths: dict[int, tuple[tuple, int]] = {}   # id -> (tuple, nesting): tuples are immutable
+
     def find_class(self, module: str, name: str):
         # protocol 2 (torch.save's) spells Python 3 names the Python 2 way: __builtin__.set
         module, name = _compat_pickle.NAME_MAPPING.get((module, name), (module, name))
@@ -266,11 +358,55 @@ class _Unpickler(pickle.Unpickler):
         if module == "torch" and name in _DTYPES:
             return _DTYPES[name]                   # args.params_dtype = torch.bfloat16
         ref = f"{module}.{name}"
+        if not all(part.isidentifier() for part in ref.split(".")):   # STACK_GLOBAL takes any string
+            raise _Refused(f"the pickle references {_brief(ref)}")
         if module.split(".")[0] in _OPAQUE_PACKAGES or ref in _OPAQUE_EXACT:
             if ref not in _opaque_classes:
                 _opaque_classes[ref] = type(name, (Opaque,), {"ref": ref})
             return _opaque_classes[ref]
         raise _Refused(f"the pickle references {ref}")
+
+    def _tuple_made(self):
+        """After an opcode that pushed a tuple: refuse it if it nests tuples too deep."""
+        depths, t = self._depths, self.stack[-1]
+        depth = 1 + max((depths.get(id(x), (None, 1))[1] for x in t if isinstance(x, tuple)), default=0)
+        if depth > _MAX_TUPLE_DEPTH:
+            raise _Refused(f"the pickle nests tuples more than {_MAX_TUPLE_DEPTH} deep")
+        depths[id(t)] = (t, depth)
+
+    def _persid(self):
+        """Refuse a storage larger than the file before torch allocates it (the legacy format
+        allocates the declared size, then reads it)."""
+        pid, limit = self.stack[-1], _storage_limit.get()
+        if isinstance(pid, tuple) and len(pid) >= 5 and limit is not None:
+            numel, dtype = pid[4], getattr(pid[1], "dtype", torch.uint8)
+            itemsize = dtype.itemsize if isinstance(dtype, torch.dtype) else 1
+            if type(numel) is not int or not 0 <= numel * itemsize <= limit:
+                raise _Refused(f"the pickle declares a storage of {_brief(numel)} elements, "
+                               f"more than the file's {limit} bytes hold")
+        pickle._Unpickler.load_binpersid(self)
+
+    def _build(self):
+        # Tensor.__setstate__ calls set_() with any size: it grows a resizable storage to fit;
+        # a storage's attributes are what _tensor_fits trusts. torch.save sets the state of
+        # neither (a tensor's travels in the _rebuild_* arguments).
+        if len(self.stack) >= 2 and isinstance(self.stack[-2], (torch.Tensor, torch.storage.TypedStorage,
+                                                                 torch.UntypedStorage)):
+            raise _Refused(f"the pickle sets the state of a {type(self.stack[-2]).__name__}")
+        pickle._Unpickler.load_build(self)
+
+
+def _depth_checked(load_tuple):
+    def load(self):
+        load_tuple(self)
+        self._tuple_made()
+    return load
+
+
+for _op in (pickle.EMPTY_TUPLE, pickle.TUPLE, pickle.TUPLE1, pickle.TUPLE2, pickle.TUPLE3):
+    _Unpickler.dispatch[_op[0]] = _depth_checked(_Unpickler.dispatch[_op[0]])
+_Unpickler.dispatch[pickle.BINPERSID[0]] = _Unpickler._persid
+_Unpickler.dispatch[pickle.BUILD[0]] = _Unpickler._build
 
 
 # torch.load takes a pickle *module*: it subclasses `.Unpickler` (keeping our find_class).
@@ -279,19 +415,53 @@ _safe_pickle.Unpickler = _Unpickler
 _safe_pickle.load = lambda f, **kw: _Unpickler(f, **kw).load()
 
 
+def _check_zip(file: Path) -> None:
+    """torch's zip reader inflates a compressed record to the size its entry declares (a zip
+    bomb), and hands an archive with constants.pkl to torch.jit.load, past our unpickler.
+    torch.save stores its records uncompressed and writes no constants.pkl: refuse the rest.
+    Two members of one name would let torch read another record than the one checked here."""
+    try:
+        with zipfile.ZipFile(file) as z:
+            members = z.infolist()
+    except (zipfile.BadZipFile, zipfile.LargeZipFile, OSError, ValueError, EOFError) as e:
+        raise MekiError(f"not a checkpoint: {file} is not a readable zip file ({_first_line(e)})") from None
+    if any(m.filename.rsplit("/", 1)[-1] == "constants.pkl" for m in members):
+        raise _Refused("it is a TorchScript archive (torch.jit.load would run its code)")
+    size, names = file.stat().st_size, set()
+    for m in members:
+        if m.compress_type != zipfile.ZIP_STORED or m.file_size > size:
+            raise _Refused(f"its member {_brief(m.filename)} is compressed (torch.save stores records "
+                           f"uncompressed) or larger than the file")
+        if m.filename in names:
+            raise _Refused(f"it has two members named {_brief(m.filename)}")
+        names.add(m.filename)
+
+
 def _torch_load(file: Path):
     # mmap needs torch's zip format (the default since 1.6); legacy files are read whole
-    mmap = zipfile.is_zipfile(file)
     try:
+        with open(file, "rb") as f:
+            magic = f.read(4)
+        mmap = zipfile.is_zipfile(file) or magic == b"PK\x03\x04"   # ours, or torch's test
+        size = file.stat().st_size
+    except OSError as e:
+        raise MekiError(f"cannot read {file}: {_first_line(e)}") from None
+    token = _storage_limit.set(size)                 # no storage is larger than the file
+    try:
+        if mmap:
+            _check_zip(file)
         return torch.load(file, map_location="cpu", pickle_module=_safe_pickle,
                           weights_only=False, mmap=mmap)
     except _Refused as e:
         raise MekiError(f"refusing to load {file}: {e}, which is not checkpoint data "
-                        f"(a crafted file could run code this way)") from None
+                        f"(a crafted file could run code or exhaust memory this way)") from None
+    except MekiError:
+        raise
     except Exception as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else ""
         raise MekiError(f"not a checkpoint: {file} is not a readable PyTorch/Megatron file "
-                        f"({type(e).__name__}: {first[:200]})") from None
+                        f"({type(e).__name__}: {_first_line(e)})") from None
+    finally:
+        _storage_limit.reset(token)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -308,10 +478,11 @@ def _megatron_file(p: Path) -> Path:
             raise _unsupported_parallel(p.parent.parent, [p.parent.name])
         return p
     if (p / _TRACKER).is_file():
-        text = (p / _TRACKER).read_text().strip()
+        with open(p / _TRACKER, "rb") as f:        # a few bytes: it is a number or "release"
+            text = f.read(64).decode("utf-8", "replace").strip()
         if text == "release":
             p = p / "release"
-        elif text.isdigit():
+        elif re.fullmatch(r"[0-9]{1,12}", text):   # str.isdigit() takes "²", which int() refuses
             p = p / f"iter_{int(text):07d}"
         else:
             raise MekiError(f"{p / _TRACKER}: expected an iteration number or 'release', got {text[:40]!r}")
@@ -429,7 +600,7 @@ def _load_megatron(file: Path) -> Checkpoint:
     ck = _torch_load(file)
     if not isinstance(ck, dict) or not isinstance(ck.get("args"), argparse.Namespace):
         raise MekiError(f"not a checkpoint: {file} has no Megatron 'args' (a {type(ck).__name__}"
-                        f"{' with keys ' + str(sorted(map(str, ck))[:6]) if isinstance(ck, dict) else ''})")
+                        f"{' with keys ' + _brief(list(ck)[:6]) if isinstance(ck, dict) else ''})")
     args = ck["args"]
     if "model" not in ck:
         if "model0" in ck:
@@ -437,17 +608,20 @@ def _load_megatron(file: Path) -> Checkpoint:
         raise MekiError(f"not a checkpoint: {file} has no 'model' state dict")
     if not isinstance(ck["model"], dict):
         raise MekiError(f"not a checkpoint: {file}: 'model' is a {type(ck['model']).__name__}, not a state dict")
-    sd = {str(k): v for k, v in ck["model"].items() if not str(k).endswith("_extra_state")}   # TE bookkeeping
+    for k in ck["model"]:
+        if not isinstance(k, str):
+            raise MekiError(f"not a checkpoint: {file}: the state dict has a key {_brief(k)}, not a name")
+    sd = {k: v for k, v in ck["model"].items() if not k.endswith("_extra_state")}   # TE bookkeeping
     for k, v in sd.items():
         if not isinstance(v, torch.Tensor):
-            raise MekiError(f"{file}: {k} is not a tensor (a {type(v).__name__})")
+            raise MekiError(f"{file}: {_brief(k)} is not a tensor (a {type(v).__name__})")
 
     config = _megatron_config(args, sd, file)
     summary = _args_summary(config)
-    meta = _reference_shapes(config)
+    meta = _reference_shapes(config, f"{file}: the args")
     entries = _megatron_map(config, meta)
     expected = {mg: _pack(p, [torch.empty(meta[n], device="meta") for n in ours], config).shape
-                for mg, ours, p in entries}
+                for mg, ours, p in entries}          # meta shapes: _reference_shapes built them
     for mg, shape in expected.items():
         if mg not in sd:
             raise MekiError(f"{file}: missing tensor {mg}")
@@ -456,7 +630,7 @@ def _load_megatron(file: Path) -> Checkpoint:
                             f"({summary}), got {list(sd[mg].shape)}")
     extra = [k for k in sd if k not in expected]
     if extra:
-        raise MekiError(f"{file}: unexpected tensor {extra[0]} (not in the MeKi layout implied by "
+        raise MekiError(f"{file}: unexpected tensor {_brief(extra[0])} (not in the MeKi layout implied by "
                         f"the args: {summary})")
 
     loaders = {}
@@ -481,15 +655,17 @@ def _megatron_config(args: argparse.Namespace, sd: dict, file: Path) -> MekiConf
             raise MekiError(f"unsupported: {file} was saved with {name}={arg(name)}; "
                             f"only TP=1, PP=1 checkpoints are supported")
     for name, want in _REQUIRED_ARGS:
-        if arg(name, None, want) != want:
-            raise MekiError(f"unsupported: {file} has args.{name}={arg(name)!r}; MeKi GGUF needs {want!r}")
+        v = arg(name, None, want)
+        # compared as plain values: `!=` on a tensor (or anything a pickle holds) is no bool
+        if not (type(v) is type(want) or type(v) is int and type(want) is float) or v != want:
+            raise MekiError(f"unsupported: {file} has args.{name}={_brief(v)}; MeKi GGUF needs {want!r}")
 
     # Transformer Engine fuses the norms into the linears: that is also the gate variant
     # (the MeKi module then sees the un-normalized residual, see docs/METHOD.md).
     te_keys = "decoder.layers.0.self_attention.linear_qkv.layer_norm_weight" in sd
     impl = arg("transformer_impl", None, "transformer_engine" if te_keys else "local")
-    if impl not in ("transformer_engine", "local"):
-        raise MekiError(f"unsupported: {file} has args.transformer_impl={impl!r}")
+    if not isinstance(impl, str) or impl not in ("transformer_engine", "local"):
+        raise MekiError(f"unsupported: {file} has args.transformer_impl={_brief(impl)}")
     te = impl == "transformer_engine"
     if te != te_keys:
         raise MekiError(f"{file}: args.transformer_impl={impl!r} but the tensors "
@@ -505,6 +681,8 @@ def _megatron_config(args: argparse.Namespace, sd: dict, file: Path) -> MekiConf
         if mem_key not in sd:
             raise MekiError(f"{file}: missing tensor {mem_key} (no args.meki_dim either: "
                             f"not a MeKi checkpoint)")
+        if sd[mem_key].dim() != 2:
+            raise MekiError(f"{file}: {mem_key} has shape {list(sd[mem_key].shape)}, expected [vocab, meki_dim]")
         d_mem = sd[mem_key].shape[-1]
     if d_mem == 0:
         raise MekiError(f"{file}: args.meki_dim=0: a plain Megatron GPT checkpoint, not MeKi")
@@ -525,7 +703,8 @@ def _megatron_config(args: argparse.Namespace, sd: dict, file: Path) -> MekiConf
     padded = arg("padded_vocab_size", int, vocab)
     if padded != vocab:
         raise MekiError(f"{file}: args.padded_vocab_size={padded} but {emb_key} has {vocab} rows")
-    layers = sorted({int(m.group(1)) for k in sd if (m := re.match(r"decoder\.layers\.(\d+)\.", k))})
+    # ASCII digits, few of them: int() refuses 4300+ digits (other keys are then "unexpected")
+    layers = sorted({int(m.group(1)) for k in sd if (m := re.match(r"decoder\.layers\.([0-9]{1,9})\.", k))})
     if layers != list(range(c.n_layer)):
         span = f" (decoder.layers.{layers[0]}-{layers[-1]})" if layers else ""
         raise MekiError(f"{file}: args.num_layers={c.n_layer} but the checkpoint holds {len(layers)} layers{span}")

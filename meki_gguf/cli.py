@@ -103,6 +103,7 @@ def export_hf(src: Path, out_dir: Path, tokenizer: Path | None, max_shard_size: 
     SRC is read as `convert` reads it (Megatron-LM or HF-style). The tensors keep their dtype and
     the training form. OUT_DIR must not exist or be empty; it appears complete or not at all.
     """
+    from .atomic import temp_folder
     from .checkpoint import export_hf as export, load_checkpoint
     from .tokenizer import TOKENIZER_FILES, find_tokenizer
     from .write import source_dir
@@ -112,18 +113,18 @@ def export_hf(src: Path, out_dir: Path, tokenizer: Path | None, max_shard_size: 
     ckpt = load_checkpoint(src)
     out_dir.parent.mkdir(parents=True, exist_ok=True)            # as save_pretrained does
     tok = tokenizer or find_tokenizer(source_dir(ckpt.path))
-    tmp = out_dir.parent / f".{out_dir.name}.{os.getpid()}.tmp"
-    try:
-        export(ckpt.config, ckpt.tensors, tmp, max_shard_size=max_shard_size)
-        if tok is not None:
-            for name in TOKENIZER_FILES:
-                if (tok / name).is_file():
-                    shutil.copy2(tok / name, tmp / name)
-        if out_dir.exists():
-            out_dir.rmdir()
-        os.rename(tmp, out_dir)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+    with temp_folder(out_dir) as tmp:      # and a killed export's temp folder is removed
+        try:
+            export(ckpt.config, ckpt.tensors, tmp, max_shard_size=max_shard_size)
+            if tok is not None:
+                for name in TOKENIZER_FILES:
+                    if (tok / name).is_file():
+                        shutil.copy2(tok / name, tmp / name)
+            if out_dir.exists():
+                out_dir.rmdir()
+            os.rename(tmp, out_dir)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
     click.echo(f"wrote {out_dir} ({', '.join(sorted(p.name for p in out_dir.iterdir()))})")
     if tok is None:
         click.echo("note: no tokenizer copied (none given with --tokenizer, none next to the checkpoint)", err=True)

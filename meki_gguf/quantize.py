@@ -12,12 +12,12 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-import uuid
 from pathlib import Path
 
 import gguf
 from gguf import GGMLQuantizationType as Q
 
+from .atomic import replace_atomically
 from .errors import MekiError
 from .runtime import llama_tool, read_header
 
@@ -96,10 +96,10 @@ def quantize(src: str | Path, out: str | Path, table_type: str, backbone_type: s
     cmd = [str(llama_tool("llama-quantize")), "--tensor-type", f"meki_mem={table_type}"]
     if allow_requantize:
         cmd.append("--allow-requantize")
-    tmp = out.parent / f".{out.name}.{uuid.uuid4().hex[:8]}.tmp"
-    cmd += [str(src), str(tmp), ftype, str(threads or os.cpu_count() or 1)]
-    try:
-        p = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, errors="replace")
+
+    def write(tmp: Path) -> None:          # llama-quantize truncates and writes the locked temp file
+        p = subprocess.run([*cmd, str(src), str(tmp), ftype, str(threads or os.cpu_count() or 1)],
+                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, errors="replace")
         if p.returncode != 0:
             reason = _reason(p.stdout)
             if reason.startswith("requantizing from type"):
@@ -110,9 +110,7 @@ def quantize(src: str | Path, out: str | Path, table_type: str, backbone_type: s
             raise MekiError(f"llama-quantize wrote the table as {got}, not {table_type}")
         with open(tmp, "rb") as f:
             os.fsync(f.fileno())
-        os.replace(tmp, out)
-    finally:
-        tmp.unlink(missing_ok=True)
+    replace_atomically(out, write)
     return out
 
 

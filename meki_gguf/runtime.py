@@ -15,6 +15,7 @@ import ctypes
 import mmap
 import os
 import struct
+import threading
 from math import prod
 from pathlib import Path
 from typing import NamedTuple
@@ -39,7 +40,7 @@ def load(path: str | Path, *, table_resident: bool = False, n_ctx: int = 2048, *
     from llama_cpp import Llama
 
     llama_kwargs.setdefault("verbose", False)
-    with _llama_errors() as errors:
+    with _LOAD_LOCK, _llama_errors() as errors:
         try:
             return Llama(model_path=str(path), n_ctx=n_ctx,
                          tensor_read_lazy="off" if table_resident else "auto", **llama_kwargs)
@@ -51,11 +52,20 @@ def load(path: str | Path, *, table_resident: bool = False, n_ctx: int = 2048, *
     raise MekiError(f"{path}: llama.cpp could not load it: {reason}{hint}")
 
 
+# One load at a time in a process: the error capture swaps llama.cpp's log callback, which is
+# process-wide (two loads at once would route each other's lines, or drop them when the first to
+# finish restores the callback), and llama-cpp-python's quiet mode (verbose=False) points fds 1
+# and 2 at /dev/null during a load and back after, which two overlapping loads would leave at
+# /dev/null. Using several loaded models from several threads needs no lock.
+_LOAD_LOCK = threading.Lock()
+
+
 @contextlib.contextmanager
 def _llama_errors():
     """Collect the error lines llama.cpp and ggml log while the block runs. llama-cpp-python sends
     them to /dev/null unless verbose and raises only "Failed to load model from file", so the
-    reason would be lost; its own log callback still gets every line, and is put back after."""
+    reason would be lost; its own log callback still gets every line, and is put back after.
+    Process-wide: hold _LOAD_LOCK around it."""
     import llama_cpp
     from llama_cpp import _logger
 
@@ -169,8 +179,10 @@ def read_header(path: str | Path, meki: bool = False, bounds: bool = True) -> tu
                 infos.append((name, offset, prod(ne) // block * type_size, qtype, ne))
             align = kv.get(gguf.Keys.General.ALIGNMENT) or gguf.GGUF_DEFAULT_ALIGNMENT
             data = -(-f.tell() // align) * align
-        except (struct.error, ValueError, KeyError, OverflowError):   # truncated or garbled
-            raise MekiError(f"{path}: not a valid GGUF file (truncated or corrupt header)") from None
+        except struct.error:                         # the header ends early
+            raise MekiError(f"{path}: not a valid GGUF file (truncated header)") from None
+        except (ValueError, KeyError, OverflowError) as e:   # a value type, tensor type or size out of range
+            raise MekiError(f"{path}: not a valid GGUF file (corrupt header: {e})") from None
     arch = kv.get("general.architecture")
     if meki and arch != "meki":
         raise MekiError(f"{path}: a {arch!r} GGUF, not a MeKi one (general.architecture is not 'meki')")

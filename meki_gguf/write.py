@@ -12,16 +12,11 @@ one chunk of tokens at a time (gguf.LazyChunkedTensor): never whole.
 """
 from __future__ import annotations
 
-import contextlib
-import errno
-import fcntl
-import glob
 import os
 import sys
-import uuid
 from dataclasses import asdict
 from pathlib import Path
-from typing import Callable, Iterable
+from typing import Iterable
 
 import gguf
 import torch
@@ -30,6 +25,7 @@ from gguf import LlamaFileType
 from conversion.base import LazyTorchTensor
 from conversion.meki import MekiModel
 
+from .atomic import replace_atomically
 from .errors import MekiError
 from .checkpoint import _HF_META
 from .fold import FOLDED
@@ -131,7 +127,7 @@ def write_gguf(ckpt, out_path: str | Path, outtype: str = "f16", table_type: str
 
     model = _Converter(ckpt, tok_kv, ftype=OUT_TYPES[outtype.lower()], table_type=ttype, fold_dtype=fold_dtype,
                        chunk=chunk, progress=progress)
-    _atomic(out, model.write_to)
+    replace_atomically(out, model.write_to)
     return out
 
 
@@ -189,7 +185,7 @@ def add_hparams(w: gguf.GGUFWriter, c) -> None:
 
 
 def write_atomic(w: gguf.GGUFWriter, out: Path) -> None:
-    """Write GGUFWriter w's file to `out` atomically (see _atomic)."""
+    """Write GGUFWriter w's file to `out` atomically (atomic.replace_atomically)."""
     def write(tmp: Path) -> None:
         w.write_header_to_file(tmp)
         w.write_kv_data_to_file()
@@ -198,74 +194,6 @@ def write_atomic(w: gguf.GGUFWriter, out: Path) -> None:
         os.fsync(w.fout[0].fileno())
         w.close()
     try:
-        _atomic(out, write)
+        replace_atomically(out, write)
     finally:
         w.close()
-
-
-def _atomic(out: Path, write: Callable[[Path], None]) -> None:
-    """write(tmp) a temp file in out's folder, then os.replace it onto `out`; on any error or
-    Ctrl-C the temp file is removed, and a previous `out` is left as it was. A full disk or a
-    read-only folder is a MekiError. Temp files of killed runs (SIGKILL, power loss) are removed
-    first: the writer holds a lock on its temp file, which dies with the process."""
-    _remove_stale(out)
-    tmp = out.parent / f".{out.name}.{uuid.uuid4().hex[:8]}.tmp"
-    fd = None
-    try:
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
-        with contextlib.suppress(OSError):       # a file system without locks: then no run removes it
-            fcntl.flock(fd, fcntl.LOCK_EX)
-        write(tmp)
-        os.replace(tmp, out)
-    except BaseException as e:
-        code = e.errno if isinstance(e, OSError) else None
-        if fd is not None:                       # else tmp was never created (and may be another's)
-            if isinstance(e, OSError) and code is None:
-                code = _short_write_errno(fd)
-            with contextlib.suppress(OSError):
-                tmp.unlink()
-        if code is not None and (msg := _write_error(code, e, out, tmp)):
-            raise MekiError(msg) from None
-        raise
-    finally:
-        if fd is not None:
-            os.close(fd)
-
-
-def _remove_stale(out: Path) -> None:
-    """Remove the temp files of `out` that no live writer holds the lock of."""
-    for p in out.parent.glob(f".{glob.escape(out.name)}.{'[0-9a-f]' * 8}.tmp"):   # _atomic's names
-        try:
-            fd = os.open(p, os.O_RDONLY)
-        except OSError:
-            continue
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            p.unlink()
-        except OSError:                          # a running conversion's (BlockingIOError), or not ours to remove
-            pass
-        finally:
-            os.close(fd)
-
-
-def _short_write_errno(fd: int) -> int | None:
-    """The errno of a short write that was reported without one: numpy's tofile (the tensors'
-    writes) raises a bare OSError("N requested and M written") on a full disk. ENOSPC if the
-    temp file's file system has no block left for us."""
-    st = os.fstatvfs(fd)
-    return errno.ENOSPC if st.f_bavail * st.f_frsize < st.f_bsize else None
-
-
-def _write_error(code: int, e: OSError, out: Path, tmp: Path) -> str | None:
-    """One line for the OSErrors (errno `code`) that are about the output's file system; None
-    for others, such as a checkpoint read failing mid-write."""
-    folder = os.path.abspath(out.parent)
-    what = {errno.ENOSPC: f"the disk holding {folder} is full",
-            errno.EDQUOT: f"the disk quota for {folder} is exceeded",
-            errno.EFBIG: "the file is too large for its file system",
-            errno.EROFS: f"{folder} is on a read-only file system"}.get(code)
-    if what is None and code in (errno.EACCES, errno.EPERM) and str(e.filename) == str(tmp):
-        what = f"no permission to replace {out}" if e.filename2 else f"no permission to write in {folder}"
-    if what is None:
-        return None
-    return f"cannot write {out}: {what} ({errno.errorcode[code]}: {os.strerror(code)}); nothing was written"

@@ -18,7 +18,11 @@ Other targets build the same patched tree (docs/DEVICES.md), each into its own f
 build/<target>/bin; they are for the tools (and for llama-cpp-python through LLAMA_CPP_LIB_PATH):
   --target aarch64   cross-compiled for a phone-class ARM64 CPU (armv8.2-a+dotprod+fp16) with
                      Debian's aarch64-linux-gnu toolchain; run under qemu-aarch64 on x86;
-  --vulkan           the Vulkan backend (Mesa's lavapipe runs it without a GPU).
+  --vulkan           the Vulkan backend (Mesa's lavapipe runs it without a GPU);
+  --sanitize         built with clang, AddressSanitizer + UndefinedBehaviorSanitizer and libFuzzer's
+                     coverage instrumentation (build/asan): the library, llama-cli, llama-server,
+                     llama-quantize and the load-path fuzzer tests/fuzz/fuzz_load.cpp
+                     (scripts/check_reliability runs the tests and the fuzzer against it).
 """
 from __future__ import annotations
 
@@ -72,6 +76,39 @@ TARGETS = {  # name -> (extra CMake flags, Debian packages it needs)
     # lavapipe is a CPU-type Vulkan device: ggml-vulkan uses it only with GGML_VK_VISIBLE_DEVICES set
     "vulkan": (["-DGGML_VULKAN=ON"], ["libvulkan-dev", "glslc", "spirv-headers", "mesa-vulkan-drivers"]),
 }
+
+
+# The sanitizer build. Every binary uses clang's *shared* ASan runtime, so that the tools and a
+# Python process (which gets the runtime through LD_PRELOAD) use the same one; the libraries also
+# carry libFuzzer's coverage instrumentation, so one build serves the tests and the fuzzer.
+SANITIZE_TOOLS = ["llama-cli", "llama-server", "llama-quantize"]
+SANITIZE_CFLAGS = "-fsanitize=fuzzer-no-link -gline-tables-only"
+SANITIZE_PACKAGES = ["clang", "libclang-rt-14-dev", "libfuzzer-14-dev"]
+
+
+def asan_runtime() -> Path:
+    """clang's shared ASan runtime (LD_PRELOAD it to load the sanitized libllama into Python)."""
+    return Path(subprocess.check_output(["clang", "-print-file-name=libclang_rt.asan-x86_64.so"], text=True).strip())
+
+
+def sanitize_flags() -> list[str]:
+    link = f"-shared-libasan -Wl,-rpath,{asan_runtime().parent}"
+    return ["-DCMAKE_C_COMPILER=clang", "-DCMAKE_CXX_COMPILER=clang++",
+            "-DLLAMA_SANITIZE_ADDRESS=ON", "-DLLAMA_SANITIZE_UNDEFINED=ON",
+            "-DGGML_SANITIZE_ADDRESS=ON", "-DGGML_SANITIZE_UNDEFINED=ON",
+            f"-DCMAKE_C_FLAGS={SANITIZE_CFLAGS}", f"-DCMAKE_CXX_FLAGS={SANITIZE_CFLAGS}",
+            f"-DCMAKE_EXE_LINKER_FLAGS={link}", f"-DCMAKE_SHARED_LINKER_FLAGS={link}"]
+
+
+def build_fuzzer(out: Path) -> None:
+    """tests/fuzz/fuzz_load.cpp against the sanitized libllama: a libFuzzer binary in out/bin."""
+    src, exe = ROOT / "tests" / "fuzz" / "fuzz_load.cpp", out / "bin" / "fuzz-load"
+    if exe.exists() and exe.stat().st_mtime > max(src.stat().st_mtime, (out / "bin" / "libllama.so").stat().st_mtime):
+        return
+    run(["clang++", "-std=c++17", "-O1", "-gline-tables-only", "-fsanitize=fuzzer,address,undefined",
+         "-shared-libasan", f"-Wl,-rpath,{asan_runtime().parent}", "-Wl,-rpath,$ORIGIN",
+         f"-I{SRC / 'include'}", f"-I{SRC / 'ggml' / 'include'}", str(src), "-o", str(exe),
+         f"-L{out / 'bin'}", "-lllama", "-lggml", "-lggml-base"])
 
 
 def qemu_cmd() -> list[str]:
@@ -263,6 +300,8 @@ def main() -> None:
     ap.add_argument("--target", choices=["x86_64", "aarch64"], default=os.uname().machine,
                     help="CPU to build for (aarch64: cross-compiled on x86, into build/aarch64)")
     ap.add_argument("--vulkan", action="store_true", help="the Vulkan backend, into build/vulkan")
+    ap.add_argument("--sanitize", action="store_true",
+                    help="clang with ASan + UBSan and the load-path fuzzer, into build/asan")
     ap.add_argument("--check-patches", action="store_true",
                     help="only check that cpp/ and patches/ apply to the pinned source")
     args = ap.parse_args()
@@ -283,6 +322,15 @@ def main() -> None:
     if args.check_patches:
         return
 
+    if args.sanitize:
+        if args.vulkan or args.target != os.uname().machine:
+            sys.exit("error: --sanitize builds for this machine's CPU only")
+        apt_install(SANITIZE_PACKAGES)
+        sync_tree(pristine, SRC, files)
+        cmake_build(SRC, BUILD / "asan", ["llama", *SANITIZE_TOOLS], args.jobs, sanitize_flags())
+        build_fuzzer(BUILD / "asan")
+        log("done: sanitized library, tools and fuzzer in build/asan/bin")
+        return
     other = "vulkan" if args.vulkan else args.target if args.target != os.uname().machine else None
     if other:           # the same tree for another target: the tools only, in build/<target>/bin
         if args.vulkan and args.target != os.uname().machine:

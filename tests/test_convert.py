@@ -19,7 +19,7 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from meki_gguf import write
+from meki_gguf import atomic, write
 from meki_gguf.checkpoint import load_checkpoint, save_hf, save_megatron
 from meki_gguf.cli import main
 from meki_gguf.model import MekiConfig, MekiForCausalLM, init_random
@@ -422,7 +422,7 @@ def tmpfs(tmp_path):
 
 
 def temps(out: Path) -> list[Path]:
-    """The converter's temp files for `out` (write._atomic's names)."""
+    """The converter's temp files for `out` (atomic.replace_atomically's names)."""
     return sorted(out.parent.glob(f".{out.name}.*.tmp"))
 
 
@@ -519,7 +519,7 @@ def test_sigkill_mid_conversion_then_convert_again(tmp_path, tok, slow_src):
     out = d / "m.gguf"
     p = start_convert(slow_src, out, tok)
     live = temps(out)
-    write._remove_stale(out)                          # what a second run would do now
+    atomic.remove_stale(out)                          # what a second run would do now
     assert temps(out) == live
     p.kill()
     p.wait(timeout=60)

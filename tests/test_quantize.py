@@ -3,6 +3,7 @@ independent of the backbone's, the table left alone by the backbone's default ru
 errors for types the table cannot have, and an output that appears complete or not at all."""
 from __future__ import annotations
 
+import fcntl
 import subprocess
 from pathlib import Path
 
@@ -126,3 +127,17 @@ def test_output_is_atomic(tmp_path, src):
     cli_error("quantize", q8, out, "--table-type", "f32", "--type", "q4_0", needle="requantizing from type q8_0")
     assert out.read_bytes() == b"old"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out.gguf", "q8.gguf"]
+
+
+def test_temp_files_of_killed_and_running_writers(tmp_path, src):
+    """Quantize writes through the converter's atomic path: the temp file of a killed run (no
+    lock) is removed by the next run, the one a running writer holds locked is left alone."""
+    out = tmp_path / "out.gguf"
+    stale, running = tmp_path / ".out.gguf.0badc0de.tmp", tmp_path / ".out.gguf.0000beef.tmp"
+    stale.write_bytes(b"partial")
+    running.write_bytes(b"partial")
+    with open(running, "rb") as f:
+        fcntl.flock(f.fileno(), fcntl.LOCK_EX)
+        assert cli("quantize", src, out, "--table-type", "q8_0").exit_code == 0
+        assert sorted(p.name for p in tmp_path.iterdir()) == [running.name, "out.gguf"]
+    assert tensors(out)[TABLE].tensor_type == Q.Q8_0

@@ -15,7 +15,9 @@ import re
 import signal
 import subprocess
 import sys
+import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
 from pathlib import Path
 
@@ -29,8 +31,9 @@ from click.testing import CliRunner
 from meki_gguf import parity, runtime
 from meki_gguf.cli import main
 from meki_gguf.errors import MekiError
+from meki_gguf.model import rope
 from meki_gguf.parity import MAX_REL_ERR, reference_logits, rel_err
-from meki_models import TINY, build
+from meki_models import TINY, build, corpus_ids
 
 ROOT = Path(__file__).resolve().parents[1]
 STOCK = ROOT / "build" / "stock"             # unpatched libllama + ggml (scripts/build_llama.py)
@@ -95,9 +98,13 @@ class Ctx:
     items are (token, position, sequence, output?). Outputs are logits, or per-token
     embeddings with embeddings=True."""
 
-    def __init__(self, llm, n_seq: int = 1, embeddings: bool = False):
+    def __init__(self, llm, n_seq: int = 1, embeddings: bool = False, unified: bool = False,
+                 threads: int | None = None):
         p = llama_cpp.llama_context_default_params()
         p.n_ctx, p.n_batch, p.n_ubatch, p.n_seq_max = 256, 128, 16, n_seq
+        p.kv_unified = unified            # one KV stream shared by the sequences, or one stream each
+        if threads:
+            p.n_threads = p.n_threads_batch = threads
         p.type_k = p.type_v = F32
         p.flash_attn_type = llama_cpp.LLAMA_FLASH_ATTN_TYPE_DISABLED   # as parity.open_llama
         p.embeddings, p.pooling_type = embeddings, llama_cpp.LLAMA_POOLING_TYPE_NONE
@@ -107,17 +114,24 @@ class Ctx:
         self.get, self.width = ((llama_cpp.llama_get_embeddings_ith, llm.n_embd()) if embeddings
                                 else (llama_cpp.llama_get_logits_ith, llm.n_vocab()))
 
-    def decode(self, items) -> np.ndarray:
-        """The outputs of the output items, in order."""
+    def try_decode(self, items) -> int:
+        """llama_decode's status: 0 done, 1 no room in the KV cache (nothing decoded)."""
         b = llama_cpp.llama_batch_init(len(items), 0, 1)
         try:
             for i, (tok, pos, seq, out) in enumerate(items):
                 b.token[i], b.pos[i], b.n_seq_id[i], b.logits[i] = tok, pos, 1, out
                 b.seq_id[i][0] = seq
             b.n_tokens = len(items)
-            assert llama_cpp.llama_decode(self.ctx, b) == 0
+            return llama_cpp.llama_decode(self.ctx, b)
         finally:
             llama_cpp.llama_batch_free(b)
+
+    def decode(self, items) -> np.ndarray:
+        """The outputs of the output items, in order."""
+        assert self.try_decode(items) == 0
+        return self.outputs(items)
+
+    def outputs(self, items) -> np.ndarray:
         rows = [self.get(self.ctx, i) for i, it in enumerate(items) if it[3]]
         return np.array([np.ctypeslib.as_array(r, shape=(self.width,)) for r in rows], dtype=np.float64)
 
@@ -230,6 +244,196 @@ def test_embeddings_mode(base, llm, prompt):
     for s, ids in enumerate((a, b)):
         got = rows[[i for i, it in enumerate(items) if it[2] == s]]
         assert rel_err(got, hidden(ids)).max() <= MAX_REL_ERR
+
+
+# --- every batching shape (issue 10, item 7) -------------------------------------------------------
+
+@pytest.fixture(scope="session")
+def long_prompt(tok) -> list[int]:
+    """600 tokens (the corpus, 411 tokens, then again from its start): a full ubatch of 512 and more."""
+    ids = corpus_ids(tok)
+    return (ids * 2)[:600]
+
+
+@pytest.fixture
+def one_thread():
+    """llama.cpp (as the tests pass it: threads=1) and the reference on one thread: the spinning
+    worker threads of ggml and of OpenMP made these tests 5-20 times slower on a small busy
+    machine; the batching shapes, not the threads, are their subject."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(n)
+
+
+# (n_batch, n_ubatch): n_batch caps a decode call (llama-cpp-python's eval splits the prompt into
+# calls of n_batch), n_ubatch the rows of one graph computation
+SHAPES = [(64, 1), (64, 7), (512, 512), (20, 7), (48, 48)]
+
+
+@pytest.mark.parametrize("n_batch,n_ubatch", SHAPES, ids=[f"b{b}-ub{u}" for b, u in SHAPES])
+@pytest.mark.usefixtures("one_thread")
+def test_parity_batch_shapes(base, long_prompt, n_batch, n_ubatch):
+    """A 600-token prompt and 8 greedy steps, however llama.cpp cuts it: ubatches of 1, 7 or 512
+    rows, decode calls smaller than the prompt (600 = 30 x 20 or 12 x 48 + 24)."""
+    ref, path = base
+    llm = parity.open_llama(path, n_batch=n_batch, n_ubatch=n_ubatch, n_ctx=1024, n_threads=1, n_threads_batch=1)
+    assert (llama_cpp.llama_n_batch(llm.ctx), llama_cpp.llama_n_ubatch(llm.ctx)) == (n_batch, n_ubatch)
+    p = parity.compare(llm, ref, long_prompt, n_gen=8)
+    print(f"\nn_batch {n_batch}, n_ubatch {n_ubatch}: {p.summary()}; prompt positions only: "
+          f"{p.rel_err[:p.n_prompt].max():.2e}")
+    assert p.max_rel_err <= MAX_REL_ERR
+    assert p.greedy == p.greedy_ref
+
+
+KV_MODES = [False, True]
+KV_IDS = ["kv-per-seq", "kv-unified"]
+
+
+@pytest.mark.parametrize("unified", KV_MODES, ids=KV_IDS)
+@pytest.mark.usefixtures("one_thread")
+def test_four_sequences_decoded_together(base, llm, prompt, unified):
+    """Four sequences of different lengths interleaved in one batch (111 tokens, ubatches of 16 that mix
+    them), then 4 greedy steps of all four at once: each as the reference runs it alone."""
+    ref = base[0]
+    texts = [prompt[:23], prompt[10:41], prompt[25:37], prompt[5:50]]
+    errs = []
+    with Ctx(llm, n_seq=4, unified=unified, threads=1) as c:
+        items = sorted((it for s, ids in enumerate(texts) for it in seq(ids, s=s)), key=lambda it: (it[1], it[2]))
+        rows = c.decode(items)
+        last = []
+        for s, ids in enumerate(texts):
+            got = rows[[i for i, it in enumerate(items) if it[2] == s]]
+            errs.append(rel_err(got, reference_logits(ref, ids)).max())
+            last.append(got[-1])
+        for _ in range(4):
+            nxt = [int(np.argmax(row)) for row in last]
+            last = c.decode([(t, len(texts[s]), s, True) for s, t in enumerate(nxt)])
+            for s, t in enumerate(nxt):
+                texts[s] = texts[s] + [t]
+                errs.append(rel_err(last[s], reference_logits(ref, texts[s])[-1]))
+    print(f"\n4 sequences ({'unified' if unified else 'one stream each'}): max rel logit error {max(errs):.2e}")
+    assert max(errs) <= MAX_REL_ERR
+
+
+@pytest.mark.parametrize("unified", KV_MODES, ids=KV_IDS)
+@pytest.mark.usefixtures("one_thread")
+def test_kv_cache_sequence_copy(base, llm, prompt, unified):
+    """llama_memory_seq_cp: a prompt decoded once, copied to two more sequences (in one KV stream
+    the copies share the cells, across streams the data is copied), which then go three ways in one
+    batch; one copy drops a suffix first, and the source is removed before a last step of the copies."""
+    ref = base[0]
+    P = prompt[:20]
+    with Ctx(llm, n_seq=3, unified=unified, threads=1) as c:
+        c.decode(seq(P, out=False))
+        llama_cpp.llama_memory_seq_cp(c.mem, 0, 1, -1, -1)
+        llama_cpp.llama_memory_seq_cp(c.mem, 0, 2, -1, -1)
+        assert llama_cpp.llama_memory_seq_rm(c.mem, 2, 12, -1)     # seq 2 keeps P[:12]
+        texts = [P + prompt[20:30], P + prompt[30:45], P[:12] + prompt[40:50]]
+        starts = [len(P), len(P), 12]
+        items = sorted((it for s, (ids, k) in enumerate(zip(texts, starts)) for it in seq(ids[k:], start=k, s=s)),
+                       key=lambda it: (it[1], it[2]))
+        rows = c.decode(items)
+        errs = [rel_err(rows[[i for i, it in enumerate(items) if it[2] == s]],
+                        reference_logits(ref, ids)[k:]).max() for s, (ids, k) in enumerate(zip(texts, starts))]
+        assert llama_cpp.llama_memory_seq_rm(c.mem, 0, -1, -1)     # the source goes; its copies stay
+        x = prompt[3]
+        step = c.decode([(x, len(texts[1]), 1, True), (x, len(texts[2]), 2, True)])
+        errs += [rel_err(step[0], reference_logits(ref, texts[1] + [x])[-1]),
+                 rel_err(step[1], reference_logits(ref, texts[2] + [x])[-1])]
+    print(f"\nsequence copy ({'unified' if unified else 'one stream each'}): max rel logit error {max(errs):.2e}")
+    assert max(errs) <= MAX_REL_ERR
+
+
+class RefCache:
+    """A KV cache for the reference (the `update` of transformers' Cache that model.Attention
+    calls) that can be edited as llama.cpp's context shift edits its cells: entries dropped, and
+    keys moved to other positions by rotating them further (RoPE: R(p - d) = R(-d) R(p)), in float64."""
+
+    def __init__(self, theta: float):
+        self.kv, self.theta = {}, theta
+
+    def update(self, k, v, layer):
+        if layer in self.kv:
+            k, v = (torch.cat([old, new], 2) for old, new in zip(self.kv[layer], (k, v)))
+        self.kv[layer] = k, v
+        return k, v
+
+    def drop(self, a: int, b: int) -> None:
+        """Drop entries a..b-1 (in cache order)."""
+        self.kv = {layer: tuple(torch.cat([t[:, :, :a], t[:, :, b:]], 2) for t in kv) for layer, kv in self.kv.items()}
+
+    def move(self, a: int, delta: int) -> None:
+        """Move the keys of entries a.. by delta positions."""
+        for layer, (k, v) in self.kv.items():
+            moved = rope(k[:, :, a:], torch.full((k.shape[2] - a,), delta), self.theta)
+            self.kv[layer] = torch.cat([k[:, :, :a], moved], 2), v
+
+
+@torch.no_grad()
+def ref_step(model, cache: RefCache, ids: list[int], start: int) -> np.ndarray:
+    """The reference's logits for ids at positions start.. after what `cache` holds (several ids
+    only into an empty cache: for several, model.Attention's mask takes cache entry i for position i)."""
+    W = model.model.embed_tokens.weight if model.lm_head is None else model.lm_head.weight
+    pos = torch.arange(start, start + len(ids))
+    return (model.hidden_states(torch.tensor([ids]), pos, cache) @ W.T)[0].numpy()
+
+
+@pytest.mark.usefixtures("one_thread")
+def test_context_fills_and_shifts(base, llm, prompt):
+    """Greedy generation until the context is full (the next decode finds no room), then llama.cpp's
+    context shift as llama-server does it (keep the first n_keep cells, drop the next half of the
+    rest, move the remainder back), three times over: every step's logits are the reference's with
+    its cache edited the same way. (No fresh run matches a shifted cache: its states were computed
+    with the dropped tokens in view, and the kept first cells did not move with the rest.)"""
+    ref, n_keep = base[0], 4
+    with Ctx(llm, threads=1) as c:
+        n_ctx = llama_cpp.llama_n_ctx(c.ctx)
+        cache = RefCache(ref.config.rope_theta)
+        rows = c.decode(seq(prompt))
+        errs = [rel_err(rows, ref_step(ref, cache, prompt, 0)).max()]
+        n_past, last, shifts, steps = len(prompt), rows[-1], 0, 0
+        while shifts < 3:
+            x = int(np.argmax(last))
+            rc = c.try_decode([(x, n_past, 0, True)])
+            if rc == 1:                                     # full: shift, then decode x again
+                assert n_past == n_ctx, (n_past, n_ctx)
+                d = (n_past - n_keep) // 2
+                assert llama_cpp.llama_memory_seq_rm(c.mem, 0, n_keep, n_keep + d)
+                llama_cpp.llama_memory_seq_add(c.mem, 0, n_keep + d, n_past, -d)
+                cache.drop(n_keep, n_keep + d)
+                cache.move(n_keep, -d)
+                n_past -= d
+                shifts += 1
+                continue
+            assert rc == 0
+            last = c.outputs([(x, n_past, 0, True)])[0]
+            errs.append(rel_err(last, ref_step(ref, cache, [x], n_past)[0]))
+            n_past, steps = n_past + 1, steps + 1
+    print(f"\ncontext of {n_ctx} filled, shifted 3 times ({steps} decode steps): "
+          f"max rel logit error {max(errs):.2e}")
+    assert max(errs) <= MAX_REL_ERR
+
+
+def test_two_llamas_in_two_threads(base):
+    """Two Llama objects over the same MeKi file (one mapping of the file each, the table read
+    lazily by both), each generating from its own thread at the same time, three rounds: the same
+    greedy texts as each object alone."""
+    path = base[1]
+    texts = [["The capital of France is", "Hello, world! How are you", "Pack my box with"],
+             ["The quick brown fox", "Once upon a time", "What is the capital of"]]
+    llms = [runtime.load(path, n_ctx=256) for _ in texts]
+
+    def run(i):
+        return [llms[i](t, max_tokens=24, temperature=0)["choices"][0]["text"] for t in texts[i]]
+    alone = [run(0), run(1)]
+    assert alone[0] != alone[1]
+    with ThreadPoolExecutor(2) as ex:
+        for _ in range(3):
+            assert list(ex.map(run, (0, 1))) == alone
+    print(f"\nalone and concurrent: {alone}")
 
 
 # --- a stock llama.cpp refuses ------------------------------------------------------------------
@@ -401,6 +605,42 @@ def test_truncated_file_errors_give_llama_cpp_reason(cut):
     lines = r.stderr.strip().splitlines()
     print(f"inspect: {lines}")
     assert len(lines) == 1 and "truncated" in lines[0] and "'meki_mem.weight'" in lines[0], r.stderr
+
+
+def test_concurrent_loads_keep_their_own_errors(cut):
+    """Three threads load at once, a good file and two files cut in different tensors, three rounds:
+    each gets its own outcome and llama.cpp's reason for its own file (the error capture swaps a
+    process-wide log callback: runtime serializes loads), and fds 1 and 2 are still the test's
+    after (llama-cpp-python's quiet loads point them at /dev/null meanwhile)."""
+    whole, table_cut = cut
+    _, tensors = runtime.read_header(whole)
+    first = min(tensors, key=lambda n: tensors[n].offset)     # the first tensor's data in the file
+    assert first != runtime.TABLE
+    early = whole.with_name("cut-early.gguf")
+    early.write_bytes(whole.read_bytes()[:tensors[first].offset + tensors[first].nbytes // 2])
+    expect = {whole: None, table_cut: f"tensor '{runtime.TABLE}' data is not within the file bounds",
+              early: f"tensor '{first}' data is not within the file bounds"}
+    fds = [(os.fstat(fd).st_dev, os.fstat(fd).st_ino) for fd in (1, 2)]
+    barrier = threading.Barrier(len(expect))
+
+    def load(path):
+        barrier.wait()
+        try:
+            llm = runtime.load(path, n_ctx=64)
+        except MekiError as e:
+            return str(e)
+        return llm("Hello", max_tokens=4, temperature=0)["choices"][0]["text"]
+
+    for _ in range(3):
+        with ThreadPoolExecutor(len(expect)) as ex:
+            got = dict(zip(expect, ex.map(load, expect)))
+        for path, needle in expect.items():
+            if needle is None:
+                assert isinstance(got[path], str) and "could not load" not in got[path], got[path]
+            else:
+                assert got[path].startswith(f"{path}: llama.cpp could not load it: ") and needle in got[path], got[path]
+    print(f"\n{got[early]}")
+    assert [(os.fstat(fd).st_dev, os.fstat(fd).st_ino) for fd in (1, 2)] == fds
 
 
 def test_stock_llama_cpp_load_says_install(cut):

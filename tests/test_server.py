@@ -2,6 +2,7 @@
 answers (plain and streamed), and its greedy tokens are Python's."""
 from __future__ import annotations
 
+import contextlib
 import json
 import socket
 import subprocess
@@ -28,14 +29,15 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.fixture(scope="module")
-def server(model, tmp_path_factory):
-    log = tmp_path_factory.mktemp("server") / "llama-server.log"
+@contextlib.contextmanager
+def llama_server(model: Path, log: Path, *args: str):
+    """A llama-server on a free loopback port with an f32 KV cache and no flash attention (exact
+    comparisons), its log in `log`: yields (url, process) once /health answers; killed after."""
     port = free_port()
     with open(log, "wb") as out:
         proc = subprocess.Popen([runtime.llama_tool("llama-server"), "-m", model, "--host", "127.0.0.1",
-                                 "--port", str(port), "-c", "512", "-np", "1", "-ctk", "f32", "-ctv", "f32",
-                                 "-fa", "off", "--no-webui"], stdout=out, stderr=subprocess.STDOUT)
+                                 "--port", str(port), "-ctk", "f32", "-ctv", "f32", "-fa", "off", "--no-webui",
+                                 *args], stdout=out, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
     try:
         deadline = time.time() + 60
@@ -48,10 +50,17 @@ def server(model, tmp_path_factory):
                 pass
             assert time.time() < deadline, f"llama-server not healthy after 60 s:\n{log.read_text()[-3000:]}"
             time.sleep(0.1)
-        yield url
+        yield url, proc
     finally:
         proc.kill()
         proc.wait()
+
+
+@pytest.fixture(scope="module")
+def server(model, tmp_path_factory):
+    log = tmp_path_factory.mktemp("server") / "llama-server.log"
+    with llama_server(model, log, "-c", "512", "-np", "1") as (url, _):
+        yield url
 
 
 MESSAGES = [{"role": "user", "content": "Hello! What is the capital of France?"}]

@@ -1,0 +1,83 @@
+#!/usr/bin/env python3
+"""Write the fuzzer's seed corpus, tests/fuzz/corpus/: the smallest valid MeKi GGUFs, one per gate
+variant x QK-norm x tied/untied, with several backbone and table types, converted by our converter
+from official-layout checkpoints (random weights), as users' files are made.
+
+Also writes tests/fuzz/regressions/: one file per crash the fuzzer found (fixed in
+patches/llama.cpp/0008), made from a seed by the smallest edit that triggers it, with the load error
+llama.cpp now gives instead (REGRESSIONS; tests/test_fuzz_regressions.py checks each).
+
+Small on purpose (a 272-token tokenizer, d = m = 32, 1 or 2 layers: 30-80 KB each): libFuzzer mutates
+every byte, and a small file is loaded in milliseconds. Deterministic: re-running it rewrites the
+same files. Usage: .venv/bin/python tests/fuzz/make_corpus.py
+"""
+from __future__ import annotations
+
+import struct
+import sys
+import tempfile
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE.parent))
+
+from meki_models import build  # noqa: E402
+
+from meki_gguf.model import MekiConfig  # noqa: E402
+from meki_gguf.tokenizer import tiny_tokenizer_dir  # noqa: E402
+
+N_TOK = 272                                   # the byte alphabet, 13 merges, the 3 special tokens
+SEEDS = {  # name: (gate on the residual (Megatron TE), QK-norm, tied, layers, backbone type, table type)
+    "te-noqk-tied-1l-f32-f32": (True, False, True, 1, "f32", "f32"),
+    "te-qk-untied-2l-f16-q8_0": (True, True, False, 2, "f16", "q8_0"),
+    "paper-qk-untied-1l-f16-f16": (False, True, False, 1, "f16", "f16"),
+    "paper-noqk-tied-2l-f16-q4_0": (False, False, True, 2, "f16", "q4_0"),
+    "paper-qk-tied-2l-q8_0-q8_0": (False, True, True, 2, "q8_0", "q8_0"),
+    "te-qk-tied-1l-bf16-q4_1": (True, True, True, 1, "bf16", "q4_1"),
+}
+
+
+
+def _swap(old: bytes, new: bytes):
+    def edit(data: bytes) -> bytes:
+        assert data.count(old) == 1, old
+        return data.replace(old, new)
+    return edit
+
+
+# name: (seed, edit of its bytes, what llama.cpp now logs when it refuses the file). The tokens are GGUF strings: u64 length + bytes
+REGRESSIONS = {
+    # two equal tokens: was GGML_ASSERT(id_to_token.size() == token_to_id.size()) in llama-vocab.cpp
+    "duplicate-token.gguf": ("te-qk-tied-1l-bf16-q4_1", _swap(b"!\x01" + bytes(7) + b'"', b"!\x01" + bytes(7) + b"!"),
+                             "tokenizer.ggml.tokens has 1 duplicate tokens"),
+    # a key's type outside enum gguf_type (type 8 is a string): was UB (UBSan: invalid enum load) in gguf.cpp
+    "invalid-key-type.gguf": ("te-qk-tied-1l-bf16-q4_1", _swap(b"general.architecture\x08\0\0\0",
+                                                               b"general.architecture\xff\xff\0\0"),
+                              "invalid gguf_type 65535"),
+    # a tensor type outside enum ggml_type (BF16 is 30): the same, for tensor infos
+    "invalid-tensor-type.gguf": ("te-qk-tied-1l-bf16-q4_1",
+                                 _swap(b"token_embd.weight" + struct.pack("<IQQI", 2, 32, N_TOK, 30),
+                                       b"token_embd.weight" + struct.pack("<IQQI", 2, 32, N_TOK, 4096)),
+                                 "invalid ggml_type 4096"),
+}
+
+
+def main() -> None:
+    out = HERE / "corpus"
+    out.mkdir(exist_ok=True)
+    with tempfile.TemporaryDirectory() as tmp:
+        tok = tiny_tokenizer_dir(Path(tmp) / "tok", n_tokens=N_TOK)
+        for i, (name, (te, qk, tied, n_layer, otype, ttype)) in enumerate(SEEDS.items()):
+            c = MekiConfig(vocab_size=N_TOK, n_layer=n_layer, d_model=32, d_mem=32, d_ff=32, n_head=2, n_kv_head=1,
+                           head_dim=16, max_seq_len=64, qk_norm=qk, tied=tied, gate_on_residual=te)
+            _, paths = build(Path(tmp) / name, tok, c, types=((otype, ttype),), trained=False, seed=i)
+            dst = out / f"{name}.gguf"
+            dst.write_bytes(paths[otype, ttype].read_bytes())
+            print(f"{dst.relative_to(HERE.parents[1])}: {dst.stat().st_size} bytes")
+    (HERE / "regressions").mkdir(exist_ok=True)
+    for name, (seed, edit, _) in REGRESSIONS.items():
+        (HERE / "regressions" / name).write_bytes(edit((out / f"{seed}.gguf").read_bytes()))
+
+
+if __name__ == "__main__":
+    main()
