@@ -63,6 +63,10 @@ REGRESSIONS = {
     # aligned in the file, and mapping it was GGML_ASSERT("buffer pointer must be aligned")
     "alignment-1.gguf": ("paper-qk-untied-1l-f16-f16", _swap(b"general.file_type", b"general.alignment"),
                          "of the file is not aligned to 32 bytes: it cannot be mapped"),
+    # meki.block_count 0 (u32, type 4): was GGML_ASSERT(n_layer_all > 0 && ...) in llama-model.cpp
+    "block-count-0.gguf": ("te-noqk-tied-1l-f32-f32", _swap(b"meki.block_count\x04\0\0\0\x01\0\0\0",
+                                                            b"meki.block_count\x04\0\0\0\0\0\0\0"),
+                           "meki.block_count = 0: must be in [1, 512]"),
 }
 
 
