@@ -88,7 +88,7 @@ SANITIZE_PACKAGES = ["clang", "libclang-rt-14-dev", "libfuzzer-14-dev"]
 
 def asan_runtime() -> Path:
     """clang's shared ASan runtime (LD_PRELOAD it to load the sanitized libllama into Python)."""
-    return Path(subprocess.check_output(["clang", "-print-file-name=libclang_rt.asan-x86_64.so"], text=True).strip())
+    return Path(subprocess.check_output(["clang", f"-print-file-name=libclang_rt.asan-{os.uname().machine}.so"], text=True).strip())
 
 
 def sanitize_flags() -> list[str]:
