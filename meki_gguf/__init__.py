@@ -4,10 +4,16 @@ Pipeline, one module per stage:
   checkpoint (read Megatron-LM / HF-style) -> fold -> write (GGUF) -> quantize -> runtime (llama.cpp)
 
 Importing meki_gguf registers the MeKi model with transformers' Auto classes (model_type "meki"),
-so `AutoModelForCausalLM.from_pretrained(folder)` loads a MeKi folder (docs/FORMAT.md).
+so `AutoModelForCausalLM.from_pretrained(folder)` loads a MeKi folder (docs/FORMAT.md). In an
+installed wheel it also points llama-cpp-python at the patched llama.cpp the wheel carries
+(meki_gguf/native.py), so import meki_gguf before llama_cpp and gguf.
 """
-from .errors import MekiError
-from .model import MekiConfig, MekiForCausalLM
+from . import native
+
+native.activate()   # before anything imports gguf or llama_cpp
+
+from .errors import MekiError  # noqa: E402
+from .model import MekiConfig, MekiForCausalLM  # noqa: E402
 
 
 def _register() -> None:

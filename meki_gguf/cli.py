@@ -343,6 +343,26 @@ def demo(n: int, n_chat: int):
     click.echo()
 
 
+# The patched llama.cpp's own tools, from wherever meki-gguf is installed:
+# `meki-gguf llama-server -m MODEL --port 8080` runs llama-server with those arguments.
+TOOLS = ("llama-cli", "llama-server", "llama-bench", "llama-quantize", "llama-perplexity")
+
+
+def _tool_command(name: str) -> None:
+    @main.command(name, add_help_option=False, context_settings={"ignore_unknown_options": True},
+                  help=f"The patched llama.cpp's {name}; every argument goes to it ({name} --help).")
+    @click.argument("args", nargs=-1, type=click.UNPROCESSED)
+    def run(args: tuple[str, ...]):
+        from .runtime import llama_tool
+
+        exe = llama_tool(name)
+        os.execv(exe, [str(exe), *args])      # the tool's own exit code, signals and output
+
+
+for _name in TOOLS:
+    _tool_command(_name)
+
+
 def _size(n: int) -> str:
     for unit in ("B", "KiB", "MiB", "GiB"):
         if n < 1024 or unit == "GiB":

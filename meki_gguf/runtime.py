@@ -23,10 +23,10 @@ from typing import NamedTuple
 import gguf
 from gguf import GGUFValueType as T
 
+from . import native
 from .errors import MekiError
 
-ROOT = Path(__file__).resolve().parents[1]
-LLAMA_BIN = ROOT / "build" / "cmake" / "bin"        # where scripts/build_llama.py puts the tools
+LLAMA_BIN = native.bin_dir()          # the patched tools: the wheel's, the checkout's or $MEKI_LLAMA_BIN
 TABLE = "meki_mem.weight"
 
 
@@ -40,16 +40,41 @@ def load(path: str | Path, *, table_resident: bool = False, n_ctx: int = 2048, *
     from llama_cpp import Llama
 
     llama_kwargs.setdefault("verbose", False)
-    with _LOAD_LOCK, _llama_errors() as errors:
+    with _LOAD_LOCK, _llama_errors() as errors, _lazy_mode(off=table_resident):
         try:
-            return Llama(model_path=str(path), n_ctx=n_ctx,
-                         tensor_read_lazy="off" if table_resident else "auto", **llama_kwargs)
+            return Llama(model_path=str(path), n_ctx=n_ctx, **llama_kwargs)
         except ValueError as e:                      # llama-cpp-python's bare "Failed to load model ..."
             reason = _load_reason(errors) or str(e)
     hint = ""
     if "unknown model architecture" in reason:      # a stock llama.cpp: it does not know 'meki'
-        hint = "; this llama.cpp lacks the MeKi patch: is the patched llama-cpp-python installed? run scripts/install.sh"
+        hint = "; this llama.cpp lacks the MeKi patch: " + (native.library_note() or (
+            "reinstall meki-gguf" if native.installed() else "run scripts/install.sh"))
     raise MekiError(f"{path}: llama.cpp could not load it: {reason}{hint}")
+
+
+@contextlib.contextmanager
+def _lazy_mode(off: bool):
+    """The table's read mode for one load: llama.cpp's lazy_mode model parameter (AUTO: the
+    architecture's default, lazy for MeKi; OFF: the whole table read into RAM). llama-cpp-python
+    0.3.36's Llama() has no argument for it and starts from llama_model_default_params(), so that
+    function is wrapped for the one call (under _LOAD_LOCK, so no other load sees it)."""
+    if not off:
+        yield
+        return
+    import llama_cpp.llama_cpp as C
+
+    default = C.llama_model_default_params
+
+    def params():
+        p = default()
+        p.lazy_mode = C.LLAMA_LAZY_MODE_OFF
+        return p
+
+    C.llama_model_default_params = params
+    try:
+        yield
+    finally:
+        C.llama_model_default_params = default
 
 
 # One load at a time in a process: the error capture swaps llama.cpp's log callback, which is
@@ -102,11 +127,14 @@ def _load_reason(errors: list[str]) -> str:
 
 
 def llama_tool(name: str) -> Path:
-    """A patched llama.cpp tool (llama-cli, llama-server, ...); $MEKI_LLAMA_BIN overrides the folder."""
-    folder = Path(os.environ.get("MEKI_LLAMA_BIN") or LLAMA_BIN)
+    """A patched llama.cpp tool (llama-cli, llama-server, ...): the installed wheel's, else the
+    checkout's build; $MEKI_LLAMA_BIN overrides the folder."""
+    folder = native.bin_dir()
     exe = folder / name
     if not (exe.is_file() and os.access(exe, os.X_OK)):
-        raise MekiError(f"{name} not found in {folder}: run scripts/install.sh (or set MEKI_LLAMA_BIN)")
+        fix = "check MEKI_LLAMA_BIN" if os.environ.get("MEKI_LLAMA_BIN") else (
+            "reinstall meki-gguf" if native.installed() else "run scripts/install.sh")
+        raise MekiError(f"{name} not found in {folder}: {fix}")
     return exe
 
 

@@ -70,8 +70,8 @@ def _from_hf(path: Path, n_vocab: int) -> dict[str, GGUFValue]:
         from conversion.base import TextModel
         from conversion.meki import MekiModel
     except ImportError as e:
-        raise MekiError(f"a Hugging Face tokenizer needs llama.cpp's converter: pip install transformers==4.57.6 "
-                        f"and pip install --no-deps build/src ({e})") from None
+        raise MekiError(f"a Hugging Face tokenizer needs llama.cpp's conversion package, which meki-gguf "
+                        f"installs (a checkout: scripts/install.sh): {e}") from None
 
     class Vocab:
         """Just the part of llama.cpp's MekiModel that its vocab code uses."""

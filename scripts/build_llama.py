@@ -10,9 +10,15 @@ its inputs did not change, so a re-run with nothing changed takes seconds:
   3. lay the tree out in build/src/: pristine + cpp/ (new files) + patches/llama.cpp/*.patch.
      Only files whose content changes are rewritten, so the build stays incremental;
   4. build libllama and the tools in build/cmake/ (ccache is used when installed);
-  5. install llama-cpp-python's Python package (patches/llama-cpp-python/*.patch applied) with
-     LLAMA_BUILD=OFF and copy our shared libraries into it, so the binding and the tools share
-     one build; install gguf-py and llama.cpp's conversion package from the same tree.
+  5. checkout (scripts/install.sh): install the stock llama-cpp-python Python package (its own
+     llama.cpp build switched off) and copy our shared libraries into it, so the binding and the
+     tools share one build; install gguf-py and llama.cpp's conversion package from the same tree.
+     wheel (--package DIR, run by CMakeLists.txt when pip or `python -m build` builds meki-gguf):
+     copy the libraries, the tools and that Python code into DIR, which the wheel carries as
+     meki_gguf/llama/ (meki_gguf/native.py finds it).
+
+$CMAKE_ARGS (as llama-cpp-python reads it: -DGGML_VULKAN=ON, -DGGML_CUDA=ON, ...) is passed to
+step 4's configure, in the checkout and in the wheel alike.
 
 Other targets build the same patched tree (docs/DEVICES.md), each into its own folder, tools in
 build/<target>/bin; they are for the tools (and for llama-cpp-python through LLAMA_CPP_LIB_PATH):
@@ -31,12 +37,13 @@ import fcntl
 import hashlib
 import os
 import re
+import shlex
 import shutil
 import subprocess
 import sys
 import tarfile
 import tempfile
-import tomllib
+from contextlib import contextmanager
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -44,10 +51,13 @@ BUILD = ROOT / "build"
 SRC = BUILD / "src"            # patched llama.cpp tree
 CMAKE_DIR = BUILD / "cmake"    # build of the patched tree
 STOCK = BUILD / "stock"        # stock libllama + ggml, for the "stock llama.cpp refuses" test
-PY_PKG = BUILD / "py"          # patched llama-cpp-python package source (without vendor/)
+PY_PKG = BUILD / "py-binding"  # llama-cpp-python's Python package as released (without vendor/)
 
-TOOLS = ["llama-cli", "llama-server", "llama-bench", "llama-quantize", "llama-perplexity", "test-backend-ops",
-         "llama-logits"]
+# the tools the wheel carries; the checkout also builds test-backend-ops for its tests
+PACKAGE_TOOLS = ["llama-cli", "llama-server", "llama-bench", "llama-quantize", "llama-perplexity", "llama-logits"]
+TOOLS = [*PACKAGE_TOOLS, "test-backend-ops"]
+# the libraries llama-cpp-python's loader opens by their unversioned name (lib<name>.so)
+BINDING_LIBS = ["llama", "ggml", "mtmd"]
 # the other targets: the command-line tools without the server (and the multimodal library the
 # server and llama-cli pull in), which would double their build time
 TARGET_TOOLS = ["llama-completion", "llama-bench", "llama-quantize", "llama-perplexity", "test-backend-ops",
@@ -134,6 +144,22 @@ def log(msg: str) -> None:
     print(f"[build] {msg}", flush=True)
 
 
+@contextmanager
+def step(n: int, what: str):
+    """One step of the build; a failing command ends the build naming the step."""
+    log(f"step {n}: {what}")
+    try:
+        yield
+    except subprocess.CalledProcessError as e:
+        sys.exit(f"error: meki-gguf build, step {n} ({what}) failed: `{' '.join(str(c) for c in e.cmd[:3])} ...` "
+                 f"exited with status {e.returncode}; its output is above")
+
+
+def user_cmake_args() -> list[str]:
+    """$CMAKE_ARGS, llama-cpp-python's way of choosing the backend (-DGGML_VULKAN=ON, ...)."""
+    return shlex.split(os.environ.get("CMAKE_ARGS", ""))
+
+
 def run(cmd: list[str], **kw) -> None:
     log(" ".join(str(c) for c in cmd))
     env = dict(os.environ, CCACHE_BASEDIR=str(ROOT), **kw.pop("env", {}))
@@ -141,12 +167,11 @@ def run(cmd: list[str], **kw) -> None:
 
 
 def pinned_version() -> str:
-    deps = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["dependencies"]
-    for d in deps:
-        m = re.fullmatch(r"llama-cpp-python==([\w.]+)", d.replace(" ", ""))
-        if m:
-            return m.group(1)
-    sys.exit("pyproject.toml must pin llama-cpp-python==X")
+    # a regex, not tomllib: the wheel's build may run on Python 3.10
+    m = re.search(r'^\s*"llama-cpp-python\s*==\s*([\w.]+)"', (ROOT / "pyproject.toml").read_text(), re.M)
+    if not m:
+        sys.exit("error: pyproject.toml must pin llama-cpp-python==X in its dependencies")
+    return m.group(1)
 
 
 def fetch_sdist(version: str) -> Path:
@@ -260,24 +285,18 @@ def pip(*args: str, **kw) -> None:
 
 
 def install_python(sdist: Path) -> None:
+    """The checkout's .venv: the stock binding with our libraries copied in, gguf-py, conversion."""
     libs = sorted((CMAKE_DIR / "bin").glob("lib*.so*"))
-    patches = sorted((ROOT / "patches" / "llama-cpp-python").glob("*.patch"))
-    digest = tree_hash(*patches, *libs) if patches or libs else ""
-    digest = hashlib.sha256((digest + tree_hash(SRC / "gguf-py", SRC / "conversion")).encode()).hexdigest()
+    digest = hashlib.sha256((tree_hash(*libs) + tree_hash(SRC / "gguf-py", SRC / "conversion")).encode()).hexdigest()
     if stamp_ok("python", digest + sys.prefix):
         log("python packages up to date")
         return
-    # the binding's Python code, patched; its own llama.cpp build is switched off: ours is copied in
-    pristine_py = BUILD / "py-pristine"
-    if not pristine_py.exists():
-        shutil.copytree(sdist, pristine_py, ignore=shutil.ignore_patterns("vendor"), symlinks=True)
-        (pristine_py / "vendor").mkdir()
-    if PY_PKG.exists():
-        shutil.rmtree(PY_PKG)
-    shutil.copytree(pristine_py, PY_PKG, symlinks=True)
-    sync_tree(pristine_py, PY_PKG, patched_files(pristine_py, patches, None))
+    # the binding's Python code as released; its own llama.cpp build is switched off: ours is copied in
+    if not PY_PKG.exists():
+        shutil.copytree(sdist, PY_PKG, ignore=shutil.ignore_patterns("vendor"), symlinks=True)
+        (PY_PKG / "vendor").mkdir()
     pip("scikit-build-core>=0.9", "cmake", "ninja")
-    pip("--no-build-isolation", "--force-reinstall", str(PY_PKG),
+    pip("--no-build-isolation", "--force-reinstall", "--no-deps", str(PY_PKG),
         env={"CMAKE_ARGS": "-DLLAMA_BUILD=OFF -DLLAVA_BUILD=OFF"})
     pkg = Path(subprocess.check_output([sys.executable, "-c",
                "import importlib.util as u; print(u.find_spec('llama_cpp').submodule_search_locations[0])"],
@@ -294,6 +313,37 @@ def install_python(sdist: Path) -> None:
     stamp("python", digest + sys.prefix)
 
 
+def package(dest: Path) -> None:
+    """The wheel's payload (meki_gguf/llama/ once installed), rebuilt in dest:
+    bin/     the tools and shared libraries (the tools find the libraries through RUNPATH $ORIGIN).
+             A wheel holds no symlinks, so each library is there under its SONAME, and the ones
+             llama-cpp-python opens by name also as lib<name>.so (a copy; the dynamic linker
+             matches the SONAME, so one copy is loaded);
+    python/  gguf-py (patched: the MeKi constants) and llama.cpp's conversion package."""
+    if dest.exists():
+        shutil.rmtree(dest)
+    (dest / "bin").mkdir(parents=True)
+    built = CMAKE_DIR / "bin"
+    for lib in sorted(built.glob("lib*.so*")):
+        if lib.is_symlink():
+            continue
+        soname = re.search(r"SONAME\)\s+Library soname: \[([^\]]+)\]",
+                           subprocess.check_output(["readelf", "-d", str(lib)], text=True))
+        names = {soname.group(1) if soname else lib.name}
+        stem = re.match(r"lib(.+?)\.so", lib.name).group(1)
+        if stem in BINDING_LIBS:
+            names.add(f"lib{stem}.so")
+        for name in names:
+            shutil.copy2(lib, dest / "bin" / name)
+    for tool in PACKAGE_TOOLS:
+        shutil.copy2(built / tool, dest / "bin" / tool)
+    shutil.copytree(SRC / "gguf-py" / "gguf", dest / "python" / "gguf",
+                    ignore=shutil.ignore_patterns("__pycache__"))
+    shutil.copytree(SRC / "conversion", dest / "python" / "conversion",
+                    ignore=shutil.ignore_patterns("__pycache__"))
+    log(f"packaged {len(list((dest / 'bin').iterdir()))} tools and libraries and the Python code in {dest}")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("-j", "--jobs", type=int, default=os.cpu_count() or 2)
@@ -304,6 +354,8 @@ def main() -> None:
                     help="clang with ASan + UBSan and the load-path fuzzer, into build/asan")
     ap.add_argument("--check-patches", action="store_true",
                     help="only check that cpp/ and patches/ apply to the pinned source")
+    ap.add_argument("--package", type=Path, metavar="DIR",
+                    help="build for the wheel and put its payload in DIR (CMakeLists.txt runs this)")
     args = ap.parse_args()
 
     BUILD.mkdir(exist_ok=True)
@@ -311,13 +363,13 @@ def main() -> None:
     fcntl.flock(lock, fcntl.LOCK_EX)     # one build at a time: concurrent ninja runs corrupt its log
 
     version = pinned_version()
-    sdist = fetch_sdist(version)
+    with step(1, f"download the llama-cpp-python {version} source"):
+        sdist = fetch_sdist(version)
     pristine = sdist / "vendor" / "llama.cpp"
     patches = sorted((ROOT / "patches" / "llama.cpp").glob("*.patch"))
-    files = patched_files(pristine, patches, ROOT / "cpp")
-    py_patches = sorted((ROOT / "patches" / "llama-cpp-python").glob("*.patch"))
-    patched_files(sdist, py_patches, None)
-    log(f"llama-cpp-python {version}: {len(patches) + len(py_patches)} patches and "
+    with step(2, "apply cpp/ and patches/ to its llama.cpp"):
+        files = patched_files(pristine, patches, ROOT / "cpp")
+    log(f"llama-cpp-python {version}: {len(patches)} patches and "
         f"{sum(1 for _ in (ROOT / 'cpp').rglob('*.*'))} new files apply to the pinned source")
     if args.check_patches:
         return
@@ -342,10 +394,18 @@ def main() -> None:
         log(f"done: tools in build/{other}/bin")
         return
 
-    build_stock(pristine, args.jobs)
-    sync_tree(pristine, SRC, files)
-    cmake_build(SRC, CMAKE_DIR, ["llama", *TOOLS], args.jobs)
-    install_python(sdist)
+    with step(3, "build the patched llama.cpp (libllama and the tools)"):
+        if not args.package:
+            build_stock(pristine, args.jobs)
+        sync_tree(pristine, SRC, files)
+        cmake_build(SRC, CMAKE_DIR, ["llama", *(PACKAGE_TOOLS if args.package else TOOLS)], args.jobs,
+                    user_cmake_args())
+    if args.package:
+        with step(4, f"copy the build into the wheel ({args.package})"):
+            package(args.package)
+        return
+    with step(4, "install llama-cpp-python, gguf-py and the conversion package into this environment"):
+        install_python(sdist)
     log(f"done: tools in {(CMAKE_DIR / 'bin').relative_to(ROOT)}")
 
 

@@ -14,4 +14,6 @@ fi
 # scikit-build-core: reads llama-cpp-python's sdist and installs its Python package
 .venv/bin/pip install -q "torch==2.13.0" "scikit-build-core>=0.9" cmake ninja
 .venv/bin/python scripts/build_llama.py
-.venv/bin/pip install -q -e ".[test]"
+# this package, editable; its build (CMakeLists.txt) runs build_llama.py --package, the wheel's path,
+# which finds the build above up to date
+.venv/bin/pip install -q --no-build-isolation -e ".[test]"

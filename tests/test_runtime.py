@@ -643,13 +643,15 @@ def test_concurrent_loads_keep_their_own_errors(cut):
     assert [(os.fstat(fd).st_dev, os.fstat(fd).st_ino) for fd in (1, 2)] == fds
 
 
-def test_stock_llama_cpp_load_says_install(cut):
+def test_stock_llama_cpp_load_says_which_library(cut):
     """The installation is blamed only on the evidence: a llama.cpp without the MeKi patch says
-    it does not know the architecture."""
+    it does not know the architecture, and the error names the library llama-cpp-python loaded
+    and why (tests/test_install.py checks the "imported before meki_gguf" case)."""
     assert (STOCK / "libllama.so").is_file(), f"no stock libllama in {STOCK}: run scripts/install.sh"
     line = one_line_error(run_cli("generate", cut[0], "-p", "x", env={"LLAMA_CPP_LIB_PATH": str(STOCK)}))
     print(f"\n{line}")
-    assert "unknown model architecture: 'meki'" in line and "scripts/install.sh" in line
+    assert "unknown model architecture: 'meki'" in line
+    assert f"llama-cpp-python uses the llama.cpp in {STOCK} (LLAMA_CPP_LIB_PATH={STOCK})" in line
 
 
 def test_cli_demo_then_chat_with_the_demo_model(tmp_path):
