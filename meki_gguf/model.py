@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from transformers import GenerationMixin, PretrainedConfig, PreTrainedModel
+from transformers import AutoConfig, AutoModelForCausalLM, GenerationMixin, PretrainedConfig, PreTrainedModel
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from .fold import fold_rows, memory_expert
@@ -299,3 +299,9 @@ def init_random(c: MekiConfig, seed: int = 0, dtype=torch.float32) -> MekiForCau
                 std = 0.02 if "embed_tokens" in name or "memory" in name else 1.0 / math.sqrt(p.shape[1])
                 p.copy_(torch.randn(p.shape, generator=g) * std)
     return m.to(dtype)
+
+
+# model_type "meki" for transformers' Auto classes (importing meki_gguf sees that this module is
+# imported once transformers is)
+AutoConfig.register(MekiConfig.model_type, MekiConfig, exist_ok=True)
+AutoModelForCausalLM.register(MekiConfig, MekiForCausalLM, exist_ok=True)

@@ -59,9 +59,9 @@ def model_path(name: str, backbone: str) -> Path:
     return OUT / f"{name}-{backbone}.gguf"
 
 
-def make_models(regenerate: bool) -> None:
+def make_models(regenerate: bool, backbones: tuple[str, ...] = BACKBONES) -> None:
     kv = None
-    for bt in BACKBONES:
+    for bt in backbones:
         for name in ("meki-0.6b", "dense-0.6b", "meki-1.7b", "dense-1.7b", "dense-4b"):
             p = model_path(name, bt)
             if p.exists() and not regenerate:

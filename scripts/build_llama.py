@@ -3,14 +3,16 @@
 
 The pin is the `llama-cpp-python==X` requirement in pyproject.toml (the only place it is
 written): that release's sdist carries the llama.cpp tree we patch. Steps, each skipped when
-its inputs did not change, so a re-run with nothing changed takes seconds:
+its inputs did not change, so a re-run with nothing changed takes seconds (a failure names
+its step):
 
   1. download the sdist into build/dl/ and unpack it (pristine, never edited);
-  2. build a *stock* libllama once into build/stock/ (tests check that it refuses MeKi files);
-  3. lay the tree out in build/src/: pristine + cpp/ (new files) + patches/llama.cpp/*.patch.
-     Only files whose content changes are rewritten, so the build stays incremental;
-  4. build libllama and the tools in build/cmake/ (ccache is used when installed);
-  5. checkout (scripts/install.sh): install the stock llama-cpp-python Python package (its own
+  2. check that cpp/ (new files) and patches/llama.cpp/*.patch apply to it;
+  3. lay the patched tree out in build/src/ (only files whose content changes are rewritten, so
+     the build stays incremental) and build libllama and the tools in build/cmake/ (ccache is
+     used when installed); the checkout first builds a *stock* libllama once into build/stock/
+     (tests check that it refuses MeKi files);
+  4. checkout (scripts/install.sh): install the stock llama-cpp-python Python package (its own
      llama.cpp build switched off) and copy our shared libraries into it, so the binding and the
      tools share one build; install gguf-py and llama.cpp's conversion package from the same tree.
      wheel (--package DIR, run by CMakeLists.txt when pip or `python -m build` builds meki-gguf):
@@ -18,7 +20,7 @@ its inputs did not change, so a re-run with nothing changed takes seconds:
      meki_gguf/llama/ (meki_gguf/native.py finds it).
 
 $CMAKE_ARGS (as llama-cpp-python reads it: -DGGML_VULKAN=ON, -DGGML_CUDA=ON, ...) is passed to
-step 4's configure, in the checkout and in the wheel alike.
+step 3's configure, in the checkout and in the wheel alike.
 
 Other targets build the same patched tree (docs/DEVICES.md), each into its own folder, tools in
 build/<target>/bin; they are for the tools (and for llama-cpp-python through LLAMA_CPP_LIB_PATH):
@@ -254,7 +256,16 @@ def sync_tree(pristine: Path, dest: Path, files: dict[str, bytes]) -> bool:
 
 
 def cmake_build(src: Path, build_dir: Path, targets: list[str], jobs: int, extra: list[str] = ()) -> None:
-    run(["cmake", "-S", str(src), "-B", str(build_dir), *CMAKE_FLAGS, *extra], stdout=subprocess.DEVNULL)
+    # CMake keeps every -D it was once given: when the flags change (say $CMAKE_ARGS lost
+    # -DGGML_VULKAN=ON), configure afresh rather than keep the old ones (ccache keeps it fast)
+    flags = [*CMAKE_FLAGS, *extra]
+    used = build_dir / ".meki-flags"
+    if used.exists() and used.read_text() != "\n".join(flags):
+        log(f"the CMake flags changed: configuring {build_dir.name} afresh")
+        (build_dir / "CMakeCache.txt").unlink(missing_ok=True)
+    build_dir.mkdir(parents=True, exist_ok=True)
+    used.write_text("\n".join(flags))             # before: a failed configure's flags count too
+    run(["cmake", "-S", str(src), "-B", str(build_dir), *flags], stdout=subprocess.DEVNULL)
     run(["cmake", "--build", str(build_dir), "-j", str(jobs), "--target", *targets])
 
 

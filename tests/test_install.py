@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import socket
 import subprocess
 import sys
 import time
@@ -162,8 +163,6 @@ def test_python_api_and_tools(env, checkpoint):
 
 def test_llama_server(env, checkpoint):
     gguf = checkpoint[2]
-    import socket
-
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
