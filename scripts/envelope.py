@@ -271,10 +271,9 @@ def in_ram_bytes(path: Path) -> int:
     return w["total"] - w["table"]
 
 
-def sweep(models: list[str], backbone: str, caps_extra: list[int | None], rounds: int, threads: int,
+def sweep(models: list[str], backbone: str, base: int, caps_extra: list[int | None], rounds: int, threads: int,
           profile, version: int, device: str) -> list[dict]:
-    """Every model at every cap (the same caps for all: MeKi-1.7B's in-RAM size + extra MiB)."""
-    base = in_ram_bytes(bench.model_path("meki-1.7b", backbone))
+    """Every model at every cap (the same caps for all: `base`, MeKi-1.7B's in-RAM size, + extra MiB)."""
     # uncapped first (each model's uncapped speed is what "thrashed" is judged against), then down
     caps = ([None] if None in caps_extra else []) + sorted((base + e * MiB for e in caps_extra if e is not None),
                                                            reverse=True)
@@ -375,7 +374,7 @@ def report(res: dict) -> str:
                   f"(target <= 1.1); MeKi reads {(med(mk, 'read_per_token') or 0) / 4096:.2f} storage pages per "
                   f"generated token (target <= 3)."]
     if res.get("load_modes"):
-        lines += ["", f"MeKi-1.7B under the same cap with each of llama.cpp's load modes (`-lm`):", "",
+        lines += ["", "MeKi-1.7B under the same cap with each of llama.cpp's load modes (`-lm`):", "",
                   "| load mode | outcome | tg128 t/s | peak cgroup MiB | pages read / token |", "|---|---|---:|---:|---:|"]
         for r in res["load_modes"]:
             lines.append(f"| {r['load_mode']} | {r['outcome'][:40]} | {r['tg'] or 0:.2f} | {r['peak_cgroup_mib']:.0f} | "
@@ -408,7 +407,7 @@ def plot(res: dict) -> None:
                 pts.setdefault(r["cap_mib"] or uncapped_x, []).append(r["tg"] or 0.0)
         xs = sorted(pts)
         ax.plot(xs, [statistics.median(pts[x]) for x in xs], marker="o", label=m)
-    ax.set_xlabel(f"RAM cap, MiB (rightmost: uncapped)")
+    ax.set_xlabel("RAM cap, MiB (rightmost: uncapped)")
     ax.set_ylabel("decode tg128, tokens/s")
     ax.set_title(f"Decode speed under a RAM cap ({res['backbone']} backbones, storage {res['profile']})")
     ax.grid(alpha=0.3)
@@ -470,7 +469,8 @@ def main() -> None:
         if args.resume:
             res["rows"] = json.loads(RESULTS.read_text())["rows"]
         else:
-            res["rows"] = sweep(models, args.backbone, caps, args.rounds, args.threads, profile, version, device)
+            res["rows"] = sweep(models, args.backbone, int(res["cap_base_mib"] * MiB), caps, args.rounds,
+                                args.threads, profile, version, device)
         if args.bisect:
             unc = {m: statistics.median(r["tg"] for r in res["rows"] if r["model"] == m and r["cap_mib"] is None)
                    for m in models}
