@@ -15,6 +15,7 @@ import re
 import signal
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -508,6 +509,57 @@ def test_llama_cli_greedy_matches_python(base, llm):
     end = next((i + 1 for i, t in enumerate(ours) if llama_cpp.llama_vocab_is_eog(vocab, t)), n)
     print(f"\nllama-cli: {cli_tokens}")
     assert cli_tokens == ours[:end]
+
+
+@pytest.mark.parametrize("mode", ["none", "dio", "mmap+mlock"])
+def test_llama_cli_load_modes_match_mmap(base, mode):
+    """llama.cpp's other load modes (-lm) run the MeKi model to the same greedy tokens as mmap."""
+    def tokens(lm):
+        r = subprocess.run([runtime.llama_tool("llama-cli"), "-m", base[1], "-p", "Hello there", "-n", "12",
+                            "--temp", "0", "-st", "--no-warmup", "-c", "256", "-lm", lm, "-v"],
+                           stdin=subprocess.DEVNULL, capture_output=True, timeout=120)
+        assert r.returncode == 0, r.stderr[-2000:]
+        log = r.stderr.decode("utf-8", "replace")
+        assert "meki_mem.weight (size" in log and "lazy read enabled" in log    # the table stays on storage
+        return [int(t) for t in re.findall(r"next token:\s+(\d+)", log)]
+    ref = tokens("mmap")
+    assert len(ref) > 1 and tokens(mode) == ref
+
+
+def test_load_modes_peak_memory(tmp_path, tok):
+    """No load mode reads the table into RAM: under each, a MeKi model peaks within 40 MiB of its
+    dense twin (its 157 MiB table would show). And direct I/O (-lm dio) stages tensors through a
+    bounded buffer: before patch 0009 it read each through a buffer of the tensor's size, so that
+    loading peaked at the model plus its largest tensor (here +215 MiB, the 315 MiB embedding being
+    read; at MeKi-1.7B +217 MiB, which the RAM envelope's cap killed, dense-1.7B's alike)."""
+    from meki_gguf.synth import Shape, meki_weight_bytes, write_model
+    from meki_gguf.tokenizer import tokenizer_kv
+
+    MiB = 2**20
+    meki = Shape("meki-load", n_layer=2, d=2048, m=512, ff=512, n_head=16, n_kv_head=8)
+    kv = tokenizer_kv(tok, meki.vocab)
+    paths = {s.name: write_model(s, tmp_path / f"{s.name}.gguf", "q8_0", "q8_0", tokenizer_kv=kv)
+             for s in (meki, meki.dense())}
+    assert meki_weight_bytes(paths["meki-load"])["table"] > 150 * MiB
+
+    def peak_rss(path: Path, mode: str) -> int:
+        with tempfile.TemporaryFile() as err:
+            p = subprocess.Popen([runtime.llama_tool("llama-bench"), "-m", path, "-p", "0", "-n", "2", "-r", "1",
+                                  "-t", "2", "--no-warmup", "-lm", mode, "-o", "jsonl"],
+                                 stdout=subprocess.DEVNULL, stderr=err)
+            _, status, usage = os.wait4(p.pid, 0)
+            err.seek(0)
+            assert status == 0, err.read()[-2000:]
+        return usage.ru_maxrss * 1024
+
+    peaks = {(name, mode): peak_rss(path, mode)
+             for mode in ("mmap", "none", "dio", "mmap+mlock") for name, path in paths.items()}
+    print("\npeak RSS MiB: " + ", ".join(f"{n} {m} {v / MiB:.0f}" for (n, m), v in peaks.items()))
+    for (name, mode), v in peaks.items():
+        if name == "meki-load":
+            assert v < peaks["dense-load", mode] + 40 * MiB, mode      # the table stays on storage
+    for name in paths:
+        assert peaks[name, "dio"] < peaks[name, "none"] + 80 * MiB    # a 64 MiB bounce buffer
 
 
 # --- the commands -------------------------------------------------------------------------------
