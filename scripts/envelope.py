@@ -2,8 +2,8 @@
 """MeKi inside a phone's memory: the synthetic twins of scripts/bench (MeKi-0.6B/1.7B, dense-0.6B/
 1.7B/4B) run by llama-bench in a memory-capped control group, storage reads throttled to a phone's.
 
-    scripts/envelope [--profile ufs31|emmc51|none] [--backbone q4_0] [--rounds 3] [--caps MiB,...]
-                     [--bisect [MODELS]] [--write-docs]
+    scripts/envelope [--profile ufs31|emmc51|none] [--backbone q4_0|q8_0] [--rounds 3] [--caps MiB,...]
+                     [--stages sweep,bisect,targets,modes] [--append] [--write-docs]
 
 The cap is a cgroup memory limit (v1 memory.limit_in_bytes, v2 memory.max), which bounds the
 process's anonymous memory *and* the page cache it brings in (the mapped model); storage reads are
@@ -19,11 +19,15 @@ Per model and cap (rounds interleaved, the order of the models alternating):
   peak RSS of the process and peak cgroup memory (anonymous + page cache), and the outcome:
   ran, thrashed (decode < half its uncapped speed, or the call ran past its time limit) or killed
   (the kernel's OOM killer, at the cap).
---bisect: the smallest cap (to 32 MiB) at which each model decodes at >= 0.9x its speed under a cap
-of its file size + 512 MiB (measured first); then both 1.7B models at MeKi-1.7B's cap (the
-targets) and MeKi-1.7B there under each of llama.cpp's load modes.
-Results: build/bench/envelope.json; --write-docs: the envelope section of docs/BENCHMARKS.md and
-docs/envelope.png.
+Stages (--stages; those not run keep their saved results):
+  sweep    every model (--models) at every cap (--caps), --rounds interleaved rounds;
+  bisect   the smallest cap (to 32 MiB) at which each --bisect model decodes at >= 0.9x its speed
+           under a cap of its file size + 512 MiB (measured first);
+  targets  both 1.7B models at MeKi-1.7B's cap, --target-rounds interleaved rounds;
+  modes    MeKi-1.7B at that cap under each of llama.cpp's load modes (-lm mmap|none|dio|mlock).
+--append adds the sweep's and the targets' rounds to the saved ones.
+Results: build/bench/envelope-BACKBONE-PROFILE.json; --write-docs: the envelope section of
+docs/BENCHMARKS.md (every backbone and profile measured) and docs/envelope.png.
 """
 from __future__ import annotations
 
@@ -46,7 +50,6 @@ import bench  # noqa: E402  (the synthetic models, llama-bench, machine())
 from meki_gguf.runtime import evict, llama_tool  # noqa: E402
 
 MiB = 2**20
-RESULTS = bench.OUT / "envelope.json"
 PLOT = ROOT / "docs" / "envelope.png"
 MODELS = ("meki-1.7b", "dense-1.7b", "dense-4b", "meki-0.6b", "dense-0.6b")
 # Storage profiles: (read IOPS, read bytes/s). Samsung's published figures for its embedded phone
@@ -141,7 +144,8 @@ class Cgroup:
                 if len(f) == 3 and f[0] == self.device and f[1] == "Read":
                     read = int(f[2])
             return {"peak": peak, "majfault": int(stat.get("total_pgmajfault", stat.get("pgmajfault", 0))),
-                    "read": read, "oom_kills": int(oom.get("oom_kill", 0))}
+                    "read": read, "oom_kills": int(oom.get("oom_kill", 0)),
+                    "refault": int(stat.get("total_workingset_refault_file", 0))}
         events = dict(ln.split() for ln in (mem / "memory.events").read_text().splitlines())
         io = {}
         for ln in (mem / "io.stat").read_text().splitlines():
@@ -151,7 +155,7 @@ class Cgroup:
         peak_file = mem / "memory.peak"
         return {"peak": int(peak_file.read_text()) if peak_file.exists() else 0,
                 "majfault": int(stat.get("pgmajfault", 0)), "read": int(io.get("rbytes", 0)),
-                "oom_kills": int(events.get("oom_kill", 0))}
+                "oom_kills": int(events.get("oom_kill", 0)), "refault": int(stat.get("workingset_refault_file", 0))}
 
     def __exit__(self, *exc) -> None:
         for d in self.dirs:
@@ -209,7 +213,7 @@ def run_capped(cmd: list[str], cg: Cgroup, timeout: float) -> dict:
         out.seek(0)
         err.seek(0)
         return {"wall": wall, "rc": p.returncode, "timed_out": timed_out, "out": out.read(),
-                "err": err.read()[-2000:], "maxrss": ru.ru_maxrss * 1024, "mark": mark}
+                "err": err.read()[-2000:], "maxrss": ru.ru_maxrss * 1024, "stime": ru.ru_stime, "mark": mark}
 
 
 def bench_cmd(path: Path, threads: int, pp: int, tg: int | str, warmup: bool = True,
@@ -253,7 +257,11 @@ def measure(path: Path, cap: int | None, profile, threads: int, version: int, de
             row["tg"] = tps(tg)
             row["read_per_token"] = (end["read"] - tg["mark"]["read"]) / 129
             row["majfault_per_token"] = (end["majfault"] - tg["mark"]["majfault"]) / 129
+            # file pages read again after the cap evicted them: the backbone crowded out by table pages
+            row["refault_per_token"] = (end["refault"] - tg["mark"]["refault"]) / 129
             row["peak_rss_mib"] = tg["maxrss"] / MiB
+            # the kernel's CPU time in the process (loading included): reclaim at the cap shows here
+            row["sys_s"] = tg["stime"]
         last = runs[-1]
         thrashed = last["timed_out"] or bool(row["tg"] and uncapped_tg and row["tg"] < 0.5 * uncapped_tg)
         if "pp" in what and row["tg"] and not thrashed and (r := call(512, 0)):
@@ -272,13 +280,13 @@ def in_ram_bytes(path: Path) -> int:
 
 
 def sweep(models: list[str], backbone: str, base: int, caps_extra: list[int | None], rounds: int, threads: int,
-          profile, version: int, device: str) -> list[dict]:
+          profile, version: int, device: str, first_round: int = 0) -> list[dict]:
     """Every model at every cap (the same caps for all: `base`, MeKi-1.7B's in-RAM size, + extra MiB)."""
     # uncapped first (each model's uncapped speed is what "thrashed" is judged against), then down
     caps = ([None] if None in caps_extra else []) + sorted((base + e * MiB for e in caps_extra if e is not None),
                                                            reverse=True)
     rows, uncapped = [], {}
-    for r in range(rounds):
+    for r in range(first_round, first_round + rounds):
         order = models if r % 2 == 0 else models[::-1]
         for cap in caps:
             for name in order:
@@ -304,13 +312,16 @@ def bisect(name: str, backbone: str, threads: int, profile, version: int, device
     lo, hi = in_ram_bytes(path), path.stat().st_size + 512 * MiB
     tried = []
 
-    def probe(cap):
+    def probe(cap, again=True):
         row = measure(path, cap, profile, threads, version, device, what=("tg",))
         tried.append(row)
         log(f"bisect {name}: cap {cap // MiB} MiB -> {row['outcome']} {row['tg'] or 0:.2f} t/s")
+        if again and tried[1:] and row["tg"] and 0.5 * ref <= row["tg"] < 0.9 * ref:
+            # short of 0.9x but far from thrashing: a run's noise (+-10% here) or the cap? once more
+            return max(row["tg"], probe(cap, again=False) or 0)
         return row["tg"]
 
-    ref = probe(hi)
+    ref = probe(hi)     # (probe reads ref from its second call on)
     if not ref:
         return {"model": name, "cap_mib": None, "ref_tg": None, "tried": tried}
     while hi - lo > step:
@@ -333,6 +344,31 @@ def med(rows: list[dict], key: str) -> float | None:
 def spread(rows: list[dict], key: str) -> str:
     vals = [r[key] for r in rows if r.get(key) is not None]
     return f" ({min(vals):.1f}-{max(vals):.1f})" if len(vals) > 1 else ""
+
+
+def results_path(backbone: str, profile: str) -> Path:
+    return bench.OUT / f"envelope-{backbone}-{profile}.json"
+
+
+def ratio_per_round(mk: list[dict], dn: list[dict], key: str) -> str:
+    """MeKi / dense per round (the two run back to back), their median and range, as scripts/bench."""
+    by_round = {r["round"]: r[key] for r in dn if r.get(key) and r["outcome"] == "ran"}
+    rs = [r[key] / by_round[r["round"]] for r in mk if r.get(key) and r["outcome"] == "ran" and r["round"] in by_round]
+    if not rs:
+        return "-"
+    return f"{statistics.median(rs):.3f}" + (f" ({min(rs):.3f}-{max(rs):.3f})" if len(rs) > 1 else "")
+
+
+def targets(res: dict) -> dict:
+    at = res["at_meki_cap"]
+    mk = [r for r in at if r["model"] == "meki-1.7b"]
+    dn = [r for r in at if r["model"] == "dense-1.7b"]
+    pages = med(mk, "read_per_token")
+    refaults = {m: med(rs, "refault_per_token") for m, rs in (("meki", mk), ("dense", dn))}
+    return {"cap_mib": at[0]["cap_mib"], "rounds": len(mk), "tg": ratio_per_round(mk, dn, "tg"),
+            "ttft": ratio_per_round(mk, dn, "ttft_s"), "pages": "-" if pages is None else f"{pages / 4096:.2f}",
+            "refaults": "; refaults per generated token (pages the cap evicted, read again): MeKi "
+                        f"{refaults['meki']:.2f}, dense {refaults['dense']:.2f}" if None not in refaults.values() else ""}
 
 
 def report(res: dict) -> str:
@@ -364,15 +400,10 @@ def report(res: dict) -> str:
                          f"{'-' if med(rs, 'read_per_token') is None else format(med(rs, 'read_per_token') / 4096, '.2f')} | "
                          f"{f('majfault_per_token', '.2f')} |")
     if res.get("at_meki_cap"):
-        at = res["at_meki_cap"]
-        mk = [r for r in at if r["model"] == "meki-1.7b"]
-        dn = [r for r in at if r["model"] == "dense-1.7b"]
-        ratio = lambda k: (med(mk, k) / med(dn, k)) if med(mk, k) and med(dn, k) else None  # noqa: E731
-        lines += ["", f"Both 1.7B models at MeKi-1.7B's full-speed cap ({at[0]['cap_mib']} MiB), "
-                  f"{len(mk)} interleaved round(s): MeKi / dense decode "
-                  f"{ratio('tg') or float('nan'):.3f} (target >= 0.95), cold TTFT {ratio('ttft_s') or float('nan'):.3f} "
-                  f"(target <= 1.1); MeKi reads {(med(mk, 'read_per_token') or 0) / 4096:.2f} storage pages per "
-                  f"generated token (target <= 3)."]
+        t = targets(res)
+        lines += ["", f"Both 1.7B models at MeKi-1.7B's full-speed cap ({t['cap_mib']} MiB), {t['rounds']} interleaved "
+                  f"round(s): MeKi / dense decode {t['tg']} (target >= 0.95), cold TTFT {t['ttft']} (target <= 1.1); "
+                  f"MeKi reads {t['pages']} storage pages per generated token (target <= 3){t['refaults']}."]
     if res.get("load_modes"):
         lines += ["", "MeKi-1.7B under the same cap with each of llama.cpp's load modes (`-lm`):", "",
                   "| load mode | outcome | tg128 t/s | peak cgroup MiB | pages read / token |", "|---|---|---:|---:|---:|"]
@@ -381,37 +412,74 @@ def report(res: dict) -> str:
                          f"{(r['read_per_token'] or 0) / 4096:.2f} |")
     if res.get("bisect"):
         lines += ["", "RAM needed for full speed (the smallest cap, to 32 MiB, at which tg128 >= 0.9x the "
-                  "model's tg128 under a cap of its file size + 512 MiB, measured just before):", "", "| model | cap MiB | over its in-RAM size |", "|---|---:|---:|"]
+                  "model's tg128 under a cap of its file size + 512 MiB, measured just before):", "",
+                  "| model | cap MiB | over its in-RAM size |", "|---|---:|---:|"]
         for b in res["bisect"]:
             c, ram = b["cap_mib"], res["in_ram_mib"][b["model"]]
             lines.append(f"| {b['model']} | {c or 'not reached'} | {f'+{c - ram:.0f}' if c else ''} |")
         caps = {b["model"]: b["cap_mib"] for b in res["bisect"]}
-        if caps.get("meki-1.7b") and caps.get("dense-1.7b"):
-            lines += ["", f"MeKi-1.7B needs {caps['meki-1.7b'] - caps['dense-1.7b']:+d} MiB over dense-1.7B for full "
-                      f"speed (target <= +64), with a file {res['file_mib']['meki-1.7b'] / res['file_mib']['dense-1.7b']:.2f}x "
-                      f"as large."]
+        for size in ("1.7b", "0.6b"):
+            mk, dn = f"meki-{size}", f"dense-{size}"
+            if caps.get(mk) and caps.get(dn):
+                lines += ["", f"MeKi-{size.upper()} needs {caps[mk] - caps[dn]:+d} MiB over dense-{size.upper()} for "
+                          f"full speed{' (target <= +64)' if size == '1.7b' else ''}, with a file "
+                          f"{res['file_mib'][mk] / res['file_mib'][dn]:.2f}x as large."]
     return "\n".join(lines)
 
 
-def plot(res: dict) -> None:
+SETS = [(b, p) for b in ("q4_0", "q8_0") for p in PROFILES]     # the order of the report
+
+
+def saved() -> list[dict]:
+    return [json.loads(results_path(b, p).read_text()) for b, p in SETS if results_path(b, p).exists()]
+
+
+def summary(sets: list[dict]) -> str:
+    """The headline figures of every backbone and storage profile measured, one row each."""
+    lines = ["| backbone | storage | RAM for full speed: MeKi-1.7B | dense-1.7B | MeKi - dense (target <= +64) | "
+             "dense-4B | at MeKi's cap: decode MeKi / dense (target >= 0.95) | pages read / token (<= 3) | "
+             "cold TTFT MeKi / dense (<= 1.1) | rounds |",
+             "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for res in sets:
+        caps = {b["model"]: b["cap_mib"] for b in res.get("bisect", [])}
+        mk, dn, d4 = (caps.get(m) for m in ("meki-1.7b", "dense-1.7b", "dense-4b"))
+        t = targets(res) if res.get("at_meki_cap") else {"tg": "-", "pages": "-", "ttft": "-", "rounds": 0}
+        lines.append(f"| {res['backbone']} | `{res['profile']}` | {mk or '-'} | {dn or '-'} | "
+                     f"{f'{mk - dn:+d}' if mk and dn else '-'} | {d4 or '-'} | {t['tg']} | {t['pages']} | "
+                     f"{t['ttft']} | {t['rounds']} |")
+    return "\n".join(lines)
+
+
+def report_all(sets: list[dict]) -> str:
+    parts = ["Summary (MiB; decode and TTFT: MeKi / dense per interleaved round, median (min-max)):", "",
+             summary(sets)]
+    for res in sets:
+        parts += ["", f"### {res['backbone']} backbones, storage `{res['profile']}`", "", report(res)]
+    return "\n".join(parts)
+
+
+def plot(sets: list[dict]) -> None:
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(7, 4))
-    uncapped_x = max(r["cap_mib"] or 0 for r in res["rows"]) + 256
-    for m in res["file_mib"]:
-        pts = {}
-        for r in res["rows"]:
-            if r["model"] == m:
-                pts.setdefault(r["cap_mib"] or uncapped_x, []).append(r["tg"] or 0.0)
-        xs = sorted(pts)
-        ax.plot(xs, [statistics.median(pts[x]) for x in xs], marker="o", label=m)
-    ax.set_xlabel("RAM cap, MiB (rightmost: uncapped)")
-    ax.set_ylabel("decode tg128, tokens/s")
-    ax.set_title(f"Decode speed under a RAM cap ({res['backbone']} backbones, storage {res['profile']})")
-    ax.grid(alpha=0.3)
-    ax.legend()
+    sets = [r for r in sets if r["profile"] == "ufs31" and r.get("rows")]
+    fig, axes = plt.subplots(1, len(sets), figsize=(6 * len(sets), 4), squeeze=False)
+    for ax, res in zip(axes[0], sets):
+        uncapped_x = max(r["cap_mib"] or 0 for r in res["rows"]) + 256
+        for m in res["file_mib"]:
+            pts = {}
+            for r in res["rows"]:
+                if r["model"] == m:
+                    pts.setdefault(r["cap_mib"] or uncapped_x, []).append(r["tg"] or 0.0)
+            xs = sorted(pts)
+            ax.plot(xs, [statistics.median(pts[x]) for x in xs], marker="o", label=m)
+        ax.set_xlabel("RAM cap, MiB (rightmost: uncapped)")
+        ax.set_ylabel("decode tg128, tokens/s")
+        ax.set_title(f"{res['backbone']} backbones, storage {res['profile']}")
+        ax.grid(alpha=0.3)
+        ax.legend()
+    fig.suptitle("Decode speed under a RAM cap")
     fig.tight_layout()
     fig.savefig(PLOT, dpi=110)
 
@@ -425,29 +493,39 @@ def write_docs(text: str) -> None:
     bench.DOC.write_text(head + begin + "\n" + text + "\n" + end + rest.split(end, 1)[1])
 
 
+STAGES = ("sweep", "bisect", "targets", "modes")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--profile", choices=list(PROFILES), default="ufs31")
     ap.add_argument("--backbone", choices=bench.BACKBONES, default="q4_0")
-    ap.add_argument("--models", default=",".join(MODELS))
+    ap.add_argument("--models", default=",".join(MODELS), help="the sweep's models")
     ap.add_argument("--caps", default="64,128,256,512,1024,none",
                     help="MiB over MeKi-1.7B's in-RAM size (backbone + branch), or none (uncapped)")
-    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--rounds", type=int, default=3, help="the sweep's interleaved rounds")
     ap.add_argument("-t", "--threads", type=int, default=2)
-    ap.add_argument("--bisect", nargs="?", const="all", metavar="MODELS",
-                    help="also the RAM needed for full speed, of these models (default: all)")
-    ap.add_argument("--write-docs", action="store_true", help="update docs/BENCHMARKS.md and docs/envelope.png")
-    ap.add_argument("--report", action="store_true", help="only report the last run's results")
+    ap.add_argument("--stages", default=",".join(STAGES),
+                    help="what to run, of sweep, bisect, targets, modes; the others' saved results (of this "
+                         "backbone and profile) are kept")
+    ap.add_argument("--bisect", default="meki-1.7b,dense-1.7b,dense-4b", metavar="MODELS",
+                    help="the models whose RAM for full speed is bisected")
     ap.add_argument("--target-rounds", type=int, default=3,
-                    help="rounds of the two 1.7B models at MeKi's full-speed cap (after --bisect)")
-    ap.add_argument("--resume", action="store_true", help="keep the last run's sweep; run --bisect and after")
+                    help="rounds of the two 1.7B models at MeKi's full-speed cap")
+    ap.add_argument("--append", action="store_true",
+                    help="add the sweep's and targets' rounds to the saved ones instead of replacing them")
+    ap.add_argument("--write-docs", action="store_true", help="update docs/BENCHMARKS.md and docs/envelope.png "
+                    "from every backbone and profile measured")
+    ap.add_argument("--report", action="store_true", help="only report the saved results")
     args = ap.parse_args()
+    stages = args.stages.split(",")
+    if unknown := set(stages) - set(STAGES):
+        ap.error(f"unknown stage(s) {', '.join(sorted(unknown))}: the stages are {', '.join(STAGES)}")
     if args.report:
-        res = json.loads(RESULTS.read_text())
-        print(report(res))
+        print(report_all(saved()))
         if args.write_docs:
-            plot(res)
-            write_docs(report(res))
+            plot(saved())
+            write_docs(report_all(saved()))
         return
 
     version = cgroup_version()
@@ -456,58 +534,75 @@ def main() -> None:
     bench.OUT.mkdir(parents=True, exist_ok=True)
     bench.make_models(False, (args.backbone,))
     models = args.models.split(",")
-    device = block_device(bench.model_path(models[0], args.backbone))
+    bb = args.backbone
+    device = block_device(bench.model_path(models[0], bb))
     profile = PROFILES[args.profile]
     caps = [None if c == "none" else int(c) for c in args.caps.split(",")]
-    log(f"cgroup v{version}, models on {device}, profile {args.profile} {profile}, caps {caps}")
-    res = {"machine": bench.machine(), "cgroup": version, "profile": args.profile, "throttle": profile, "threads": args.threads,
-           "backbone": args.backbone, "in_ram_mib": {m: in_ram_bytes(bench.model_path(m, args.backbone)) / MiB
-                                                     for m in models},
-           "file_mib": {m: bench.model_path(m, args.backbone).stat().st_size / MiB for m in models},
-           "cap_base_mib": in_ram_bytes(bench.model_path("meki-1.7b", args.backbone)) / MiB}
+    out = results_path(bb, args.profile)
+    old = json.loads(out.read_text()) if out.exists() else {}
+    log(f"cgroup v{version}, models on {device}, profile {args.profile} {profile}, stages {stages}")
+    res = {**old, "machine": bench.machine(), "cgroup": version, "profile": args.profile, "throttle": profile,
+           "threads": args.threads, "backbone": bb,
+           "in_ram_mib": {m: in_ram_bytes(bench.model_path(m, bb)) / MiB for m in MODELS},
+           "file_mib": {m: bench.model_path(m, bb).stat().st_size / MiB for m in MODELS},
+           "cap_base_mib": in_ram_bytes(bench.model_path("meki-1.7b", bb)) / MiB}
+
+    def save():
+        out.write_text(json.dumps(res, indent=1))
+
+    def kept(key: str) -> tuple[list[dict], int]:
+        """The saved rows of `key` when appending, their next round number."""
+        rows = old.get(key, []) if args.append else []
+        return rows, max((r["round"] for r in rows), default=-1) + 1
+
     try:
-        if args.resume:
-            res["rows"] = json.loads(RESULTS.read_text())["rows"]
-        else:
-            res["rows"] = sweep(models, args.backbone, int(res["cap_base_mib"] * MiB), caps, args.rounds,
-                                args.threads, profile, version, device)
-        if args.bisect:
-            unc = {m: statistics.median(r["tg"] for r in res["rows"] if r["model"] == m and r["cap_mib"] is None)
-                   for m in models}
-            which = models if args.bisect == "all" else args.bisect.split(",")
-            RESULTS.write_text(json.dumps(res, indent=1))
-            res["bisect"] = [bisect(m, args.backbone, args.threads, profile, version, device) for m in which]
-            RESULTS.write_text(json.dumps(res, indent=1))
-            caps = {b["model"]: b["cap_mib"] for b in res["bisect"]}
-            if caps.get("meki-1.7b") and "dense-1.7b" in caps:
-                # the targets: both 1.7B models at MeKi's full-speed cap, interleaved
-                cap, pair, rows = caps["meki-1.7b"] * MiB, ["meki-1.7b", "dense-1.7b"], []
-                for r in range(args.target_rounds):
-                    for m in (pair if r % 2 == 0 else pair[::-1]):
-                        row = measure(bench.model_path(m, args.backbone), cap, profile, args.threads, version,
-                                      device, what=("ttft", "tg"), uncapped_tg=unc[m])
-                        row.update(round=r, model=m)
-                        rows.append(row)
-                        log(f"at MeKi's cap {cap // MiB} MiB: {m} {row['outcome']} tg {row['tg'] or 0:.2f} t/s "
-                            f"ttft {row['ttft_s'] or 0:.2f} s {(row['read_per_token'] or 0) / 4096:.2f} pages/token")
-                res["at_meki_cap"] = rows
-                # llama.cpp's other load modes at that cap: none of them may read the table whole
-                res["load_modes"] = []
-                for mode in ("mmap", "none", "dio", "mlock"):
-                    row = measure(bench.model_path("meki-1.7b", args.backbone), cap, profile, args.threads, version,
-                                  device, what=("tg",), uncapped_tg=unc["meki-1.7b"], load_mode=mode)
-                    row["load_mode"] = mode
-                    res["load_modes"].append(row)
-                    log(f"load mode {mode}: {row['outcome']} tg {row['tg'] or 0:.2f} t/s, "
-                        f"peak cgroup {row['peak_cgroup_mib']:.0f} MiB")
+        if "sweep" in stages:
+            rows, first = kept("rows")
+            res["rows"] = rows + sweep(models, bb, int(res["cap_base_mib"] * MiB), caps, args.rounds, args.threads,
+                                       profile, version, device, first)
+            save()
+        unc = {m: med([r for r in res.get("rows", []) if r["model"] == m and r["cap_mib"] is None], "tg")
+               for m in MODELS}
+        if "bisect" in stages:
+            new = [bisect(m, bb, args.threads, profile, version, device) for m in args.bisect.split(",")]
+            res["bisect"] = [b for b in res.get("bisect", []) if b["model"] not in {n["model"] for n in new}] + new
+            save()
+        cap = {b["model"]: b["cap_mib"] for b in res.get("bisect", [])}.get("meki-1.7b")
+        if set(stages) & {"targets", "modes"} and not cap:
+            sys.exit(f"error: no full-speed cap of meki-1.7b in {out}: run the bisect stage first")
+        if "targets" in stages:
+            # both 1.7B models at MeKi's full-speed cap, interleaved
+            rows, first = kept("at_meki_cap")
+            pair = ["meki-1.7b", "dense-1.7b"]
+            for r in range(first, first + args.target_rounds):
+                for m in (pair if r % 2 == 0 else pair[::-1]):
+                    row = measure(bench.model_path(m, bb), cap * MiB, profile, args.threads, version, device,
+                                  what=("ttft", "tg"), uncapped_tg=unc[m])
+                    row.update(round=r, model=m)
+                    rows.append(row)
+                    log(f"at MeKi's cap {cap} MiB: {m} {row['outcome']} tg {row['tg'] or 0:.2f} t/s "
+                        f"ttft {row['ttft_s'] or 0:.2f} s {(row['read_per_token'] or 0) / 4096:.2f} pages/token")
+            res["at_meki_cap"] = rows
+            save()
+        if "modes" in stages:
+            # llama.cpp's other load modes at that cap: none of them may read the table whole
+            res["load_modes"] = []
+            for mode in ("mmap", "none", "dio", "mlock"):
+                row = measure(bench.model_path("meki-1.7b", bb), cap * MiB, profile, args.threads, version, device,
+                              what=("tg",), uncapped_tg=unc["meki-1.7b"], load_mode=mode)
+                row["load_mode"] = mode
+                res["load_modes"].append(row)
+                log(f"load mode {mode}: {row['outcome']} tg {row['tg'] or 0:.2f} t/s, "
+                    f"peak cgroup {row['peak_cgroup_mib']:.0f} MiB")
+            save()
     except KeyboardInterrupt:
         sys.exit("interrupted: control groups removed")
-    RESULTS.write_text(json.dumps(res, indent=1))
-    log(f"results in {RESULTS}")
+    save()
+    log(f"results in {out}")
     print(report(res))
     if args.write_docs:
-        plot(res)
-        write_docs(report(res))
+        plot(saved())
+        write_docs(report_all(saved()))
 
 
 if __name__ == "__main__":

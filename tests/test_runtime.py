@@ -528,10 +528,13 @@ def test_llama_cli_load_modes_match_mmap(base, mode):
 
 def test_load_modes_peak_memory(tmp_path, tok):
     """No load mode reads the table into RAM: under each, a MeKi model peaks within 40 MiB of its
-    dense twin (its 157 MiB table would show). And direct I/O (-lm dio) stages tensors through a
-    bounded buffer: before patch 0009 it read each through a buffer of the tensor's size, so that
+    dense twin (its 157 MiB table would show). And direct I/O (-lm dio) stages tensors through an
+    8 MiB buffer: before patch 0009 it read each through a buffer of the tensor's size, so that
     loading peaked at the model plus its largest tensor (here +215 MiB, the 315 MiB embedding being
-    read; at MeKi-1.7B +217 MiB, which the RAM envelope's cap killed, dense-1.7B's alike)."""
+    read; at MeKi-1.7B +217 MiB, which the RAM envelope's cap killed, dense-1.7B's alike). A 64 MiB
+    buffer was still killed at MeKi-1.7B q8_0's full-speed cap (found to 32 MiB)."""
+    if "asan" in os.environ.get("LD_PRELOAD", ""):
+        pytest.skip("peak RSS under ASan (shadow memory, quarantine) says nothing of the loader's")
     from meki_gguf.synth import Shape, meki_weight_bytes, write_model
     from meki_gguf.tokenizer import tokenizer_kv
 
@@ -559,7 +562,7 @@ def test_load_modes_peak_memory(tmp_path, tok):
         if name == "meki-load":
             assert v < peaks["dense-load", mode] + 40 * MiB, mode      # the table stays on storage
     for name in paths:
-        assert peaks[name, "dio"] < peaks[name, "none"] + 80 * MiB    # a 64 MiB bounce buffer
+        assert peaks[name, "dio"] < peaks[name, "none"] + 32 * MiB    # an 8 MiB bounce buffer
 
 
 # --- the commands -------------------------------------------------------------------------------
