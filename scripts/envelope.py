@@ -478,7 +478,7 @@ def plot(sets: list[dict]) -> None:
         ax.set_ylabel("decode tg128, tokens/s")
         ax.set_title(f"{res['backbone']} backbones, storage {res['profile']}")
         ax.grid(alpha=0.3)
-        ax.legend()
+        ax.legend(fontsize=8, loc="center", ncol=3)
     fig.suptitle("Decode speed under a RAM cap")
     fig.tight_layout()
     fig.savefig(PLOT, dpi=110)
