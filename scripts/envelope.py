@@ -312,21 +312,21 @@ def bisect(name: str, backbone: str, threads: int, profile, version: int, device
     lo, hi = in_ram_bytes(path), path.stat().st_size + 512 * MiB
     tried = []
 
-    def probe(cap, again=True):
+    def probe(cap):
         row = measure(path, cap, profile, threads, version, device, what=("tg",))
         tried.append(row)
         log(f"bisect {name}: cap {cap // MiB} MiB -> {row['outcome']} {row['tg'] or 0:.2f} t/s")
-        if again and tried[1:] and row["tg"] and 0.5 * ref <= row["tg"] < 0.9 * ref:
-            # short of 0.9x but far from thrashing: a run's noise (+-10% here) or the cap? once more
-            return max(row["tg"], probe(cap, again=False) or 0)
         return row["tg"]
 
-    ref = probe(hi)     # (probe reads ref from its second call on)
+    ref = probe(hi)
     if not ref:
         return {"model": name, "cap_mib": None, "ref_tg": None, "tried": tried}
     while hi - lo > step:
         mid = (lo + hi) // 2 // MiB * MiB
         tg = probe(mid)
+        if tg is not None and 0.5 * ref <= tg < 0.9 * ref:
+            # short of 0.9x but far from thrashing: a run's noise (+-10% here) or the cap? once more
+            tg = max(tg, probe(mid) or 0)
         if tg is not None and tg >= 0.9 * ref:
             hi = mid
         else:
@@ -544,8 +544,8 @@ def main() -> None:
     res = {**old, "machine": bench.machine(), "cgroup": version, "profile": args.profile, "throttle": profile,
            "threads": args.threads, "backbone": bb,
            "in_ram_mib": {m: in_ram_bytes(bench.model_path(m, bb)) / MiB for m in MODELS},
-           "file_mib": {m: bench.model_path(m, bb).stat().st_size / MiB for m in MODELS},
-           "cap_base_mib": in_ram_bytes(bench.model_path("meki-1.7b", bb)) / MiB}
+           "file_mib": {m: bench.model_path(m, bb).stat().st_size / MiB for m in MODELS}}
+    res["cap_base_mib"] = res["in_ram_mib"]["meki-1.7b"]
 
     def save():
         out.write_text(json.dumps(res, indent=1))
