@@ -86,17 +86,28 @@ def warm(path: Path) -> None:
 
 # --- speed ---------------------------------------------------------------------------------------
 
+def machine_cpu() -> tuple[float, float]:
+    """(busy, steal) CPU seconds of the whole machine so far, from /proc/stat: busy is user, nice,
+    system, irq and softirq (not idle or iowait); steal is time the hypervisor gave to others."""
+    f = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:9]]
+    hz = os.sysconf("SC_CLK_TCK")
+    return (f[0] + f[1] + f[2] + f[5] + f[6]) / hz, f[7] / hz
+
+
 def llama_bench(path: Path, threads: int, pp: int, tg: int, warmup: bool = True) -> dict:
     """One llama-bench call, one repetition: {'pp'|'tg': t/s (wall clock), 'cpu': CPU seconds of
-    the whole process (load, warm-up and run), 'build': ...}."""
+    the whole process (load, warm-up and run), 'wall': its seconds, 'others': CPU seconds the rest
+    of the machine used meanwhile, 'steal': ..., 'build': ...}. 'others' is what says whether the
+    machine was quiet: with 2 threads on 2 cores any other work lands on a core ggml spins on."""
     cmd = [str(llama_tool("llama-bench")), "-m", str(path), "-p", str(pp), "-n", str(tg), "-r", "1",
            "-t", str(threads), "-o", "json"] + ([] if warmup else ["--no-warmup"])
-    before = resource.getrusage(resource.RUSAGE_CHILDREN)
+    before, (busy0, steal0), t0 = resource.getrusage(resource.RUSAGE_CHILDREN), machine_cpu(), time.monotonic()
     p = subprocess.run(cmd, capture_output=True, text=True)
-    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    after, (busy1, steal1), t1 = resource.getrusage(resource.RUSAGE_CHILDREN), machine_cpu(), time.monotonic()
     if p.returncode != 0:
         raise SystemExit(f"llama-bench failed on {path.name}:\n{p.stderr[-2000:]}")
-    res = {"cpu": after.ru_utime + after.ru_stime - before.ru_utime - before.ru_stime}
+    cpu = after.ru_utime + after.ru_stime - before.ru_utime - before.ru_stime
+    res = {"cpu": cpu, "wall": t1 - t0, "others": max(0.0, busy1 - busy0 - cpu), "steal": steal1 - steal0}
     for t in json.loads(p.stdout):
         res["pp" if t["n_prompt"] else "tg"] = float(t["avg_ts"])
         res["build"] = f"{t['build_commit']} ({t['build_number']})"
@@ -110,9 +121,12 @@ def measure(path: Path, threads: int, mode: str) -> dict:
     base = llama_bench(path, threads, 0, 1, warmup=False)
     tg = llama_bench(path, threads, 0, 128)                          # warm-up 1 + 128 tokens
     res = {"tg": tg["tg"], "tg_cpu": (tg["cpu"] - base["cpu"]) / 128, "build": tg["build"]}
+    calls = [base, tg]
     if mode == "warm":
         pp = llama_bench(path, threads, 512, 0)                      # warm-up 512 + 512 tokens
         res.update(pp=pp["pp"], pp_cpu=(pp["cpu"] - base["cpu"]) / 1023)
+        calls.append(pp)
+    res.update({k: sum(c[k] for c in calls) for k in ("wall", "others", "steal")})
     return res
 
 
@@ -238,6 +252,19 @@ def machine() -> dict:
                                    text=True).stdout.split("\n")[1].strip()}
 
 
+def quiet(res: dict) -> str:
+    """How much of the machine other work took while the speed runs ran, from the per-call counts
+    of llama_bench (runs before they were kept say nothing)."""
+    rows = [r for r in res["rows"] if "others" in r]
+    if not rows:
+        return "Other work shared the cores: wall-clock t/s (llama-bench's) swing with it."
+    cap = res["machine"]["cores"] * sum(r["wall"] for r in rows)
+    share = [r["others"] / (res["machine"]["cores"] * r["wall"]) for r in rows]
+    return (f"While they ran, the rest of the machine used {100 * sum(r['others'] for r in rows) / cap:.1f}% of its "
+            f"CPU time (at most {100 * max(share):.1f}% during one model's calls) and the hypervisor took "
+            f"{100 * sum(r['steal'] for r in rows) / cap:.1f}% as steal.")
+
+
 def report(res: dict) -> str:
     sp, pr, mc = res["speed"], res["probe"], res["machine"]
 
@@ -248,10 +275,11 @@ def report(res: dict) -> str:
         return sp["ratio"].get(key, {}).get("median")
 
     L = [f"Machine: {mc['cpu']}, {mc['cores']} cores ({mc['isa']}), {mc['ram_gib']} GiB RAM, Linux "
-         f"{mc['kernel']}, disk {' '.join(mc['disk'].split())}. llama.cpp build {res['build']}, {res['threads']} thread(s) per run, "
-         f"{res['rounds']} interleaved rounds; ratios are per round, then the median. Other work shared the "
-         f"cores: wall-clock t/s (llama-bench's) swing with it; CPU time per token (the llama-bench process's "
-         f"user+sys, less a load-and-one-token baseline; warm runs only) does much less.\n",
+         f"{mc['kernel']}, disk {' '.join(mc['disk'].split())}. llama.cpp build {res['build']}, "
+         f"{res['threads']} thread(s) per run, "
+         f"{res['rounds']} interleaved rounds; ratios are per round, then the median. {quiet(res)} CPU time per "
+         f"token is the llama-bench process's user+sys, less a load-and-one-token baseline (warm runs only); "
+         f"other work on the cores disturbs it much less than wall clock.\n",
          "| backbone | model | mode | pp512 t/s | tg128 t/s | pp ms CPU/token | tg ms CPU/token | "
          "pp MeKi/dense (wall, CPU) | tg MeKi/dense (wall, CPU) |",
          "|---|---|---|---:|---:|---:|---:|---:|---:|"]
@@ -303,38 +331,44 @@ def plot(res: dict) -> None:
 
     sp = res["speed"]["ratio"]
     fig, (ax, ax2) = plt.subplots(1, 2, figsize=(14, 5), gridspec_kw={"width_ratios": [3.2, 1]})
+
+    def bar(ax, at, ratios, color, label=None, fmt=".3f", **text):
+        """Bars at the medians, whiskers from the lowest to the highest round, the median above."""
+        med = [r["median"] if r else 0.0 for r in ratios]
+        err = [[m - min(r["rounds"]) if r else 0 for m, r in zip(med, ratios)],
+               [max(r["rounds"]) - m if r else 0 for m, r in zip(med, ratios)]]
+        ax.bar(at, med, 0.4, yerr=err, capsize=2, error_kw={"lw": 0.8}, label=label, color=color)
+        for i, m, r in zip(at, med, ratios):
+            if r:
+                ax.text(i, max(r["rounds"]) * 1.004, format(m, fmt), ha="center", va="bottom", **text)
+        return [v for r in ratios if r for v in r["rounds"]]
+
     labels, wall, cpu, targets = [], [], [], []
     for bt in BACKBONES:
         for meki, _ in PAIRS:
             for mode, t, tgt in (("warm", "pp", 0.97), ("warm", "tg", 0.98), ("cold", "tg", 0.95)):
                 key = f"{mode}/{bt}/{meki}/{t}"
                 labels.append(f"{meki[5:]} {bt}\n{t} {mode}")
-                wall.append(sp[key]["median"])
-                cpu.append(sp[key + "_cpu"]["median"] if key + "_cpu" in sp else 0.0)
+                wall.append(sp[key])
+                cpu.append(sp.get(key + "_cpu"))
                 targets.append(tgt)
     x = range(len(labels))
-    ax.bar([i - 0.2 for i in x], wall, 0.4, label="wall clock (llama-bench t/s)", color="tab:blue")
-    ax.bar([i + 0.2 for i in x], cpu, 0.4, label="CPU time per token (warm)", color="tab:green")
+    small = {"fontsize": 6, "rotation": 90}
+    vals = (bar(ax, [i - 0.2 for i in x], wall, "tab:blue", "wall clock (llama-bench t/s)", **small)
+            + bar(ax, [i + 0.2 for i in x], cpu, "tab:green", "CPU time per token (warm)", **small))
     for i, tgt in enumerate(targets):
         ax.plot([i - 0.45, i + 0.45], [tgt, tgt], color="k", lw=1.2)
-    for i in x:
-        ax.text(i - 0.2, wall[i] + 0.004, f"{wall[i]:.3f}", ha="center", fontsize=6, rotation=90, va="bottom")
-        if cpu[i]:
-            ax.text(i + 0.2, cpu[i] + 0.004, f"{cpu[i]:.3f}", ha="center", fontsize=6, rotation=90, va="bottom")
     ax.set_xticks(list(x), labels, fontsize=7)
-    lo, hi = min(wall + [c for c in cpu if c] + [0.9]), max(wall + cpu + [1.05])
-    ax.set_ylim(lo - 0.03, hi + 0.06)
+    ax.set_ylim(min(vals + [0.9]) - 0.03, max(vals + [1.05]) + 0.07)
     ax.set_ylabel("speed ratio MeKi / dense twin")
-    ax.set_title("MeKi vs its dense twin (black: target)")
+    ax.set_title(f"MeKi vs its dense twin, {res['threads']} thread(s): median of {res['rounds']} rounds, "
+                 "whiskers lowest to highest (black: target)", fontsize=10)
     ax.legend(fontsize=8, loc="lower left")
-    w4 = [sp[f"warm/{bt}/meki-1.7b_vs_dense-4b/tg"]["median"] for bt in BACKBONES]
-    c4 = [sp[f"warm/{bt}/meki-1.7b_vs_dense-4b/tg_cpu"]["median"] for bt in BACKBONES]
-    ax2.bar([i - 0.2 for i in range(2)], w4, 0.4, color="tab:blue")
-    ax2.bar([i + 0.2 for i in range(2)], c4, 0.4, color="tab:green")
+    bar(ax2, [-0.2, 0.8], [sp[f"warm/{bt}/meki-1.7b_vs_dense-4b/tg"] for bt in BACKBONES], "tab:blue",
+        fmt=".2f", fontsize=8)
+    bar(ax2, [0.2, 1.2], [sp[f"warm/{bt}/meki-1.7b_vs_dense-4b/tg_cpu"] for bt in BACKBONES], "tab:green",
+        fmt=".2f", fontsize=8)
     ax2.axhline(2.2, color="k", lw=1.2)
-    for i in range(2):
-        ax2.text(i - 0.2, w4[i] + 0.02, f"{w4[i]:.2f}x", ha="center", fontsize=8)
-        ax2.text(i + 0.2, c4[i] + 0.02, f"{c4[i]:.2f}x", ha="center", fontsize=8)
     ax2.set_xticks(range(2), [f"tg128 {bt}" for bt in BACKBONES])
     ax2.set_title("MeKi-1.7B / dense-4B decode (target 2.2x)", fontsize=10)
     fig.tight_layout()

@@ -371,13 +371,18 @@ def targets(res: dict) -> dict:
                         f"{refaults['meki']:.2f}, dense {refaults['dense']:.2f}" if None not in refaults.values() else ""}
 
 
+def throttle(t) -> str:
+    """A profile's limits as the docs' table of profiles gives them."""
+    return f"({t[0]:,} IOPS, {t[1] / 1e6:,.0f} MB/s)" if t else "(unthrottled)"
+
+
 def report(res: dict) -> str:
     rows, models = res["rows"], list(res["file_mib"])
     caps = sorted({r["cap_mib"] for r in rows}, key=lambda c: c or 1 << 40)
     base = res["cap_base_mib"]
     lines = [f"Machine: {res['machine']['cpu']}, {res['threads']} threads, {res['machine']['ram_gib']} GiB, "
              f"kernel {res['machine']['kernel']}; cgroup v{res['cgroup']}; storage profile `{res['profile']}` "
-             f"{res['throttle'] or ''}; {res['backbone']} backbones, q8_0 table; "
+             f"{throttle(res['throttle'])}; {res['backbone']} backbones, q8_0 table; "
              f"{max(r['round'] for r in rows) + 1} interleaved round(s), medians (min-max).", "",
              "| model | file MiB | in RAM MiB |", "|---|---:|---:|"]
     lines += [f"| {m} | {res['file_mib'][m]:.0f} | {res['in_ram_mib'][m]:.0f} |" for m in models]
@@ -406,10 +411,12 @@ def report(res: dict) -> str:
                   f"MeKi reads {t['pages']} storage pages per generated token (target <= 3){t['refaults']}."]
     if res.get("load_modes"):
         lines += ["", "MeKi-1.7B under the same cap with each of llama.cpp's load modes (`-lm`):", "",
-                  "| load mode | outcome | tg128 t/s | peak cgroup MiB | pages read / token |", "|---|---|---:|---:|---:|"]
+                  "| load mode | outcome | cold TTFT s | tg128 t/s | peak cgroup MiB | pages read / token |",
+                  "|---|---|---:|---:|---:|---:|"]
         for r in res["load_modes"]:
-            lines.append(f"| {r['load_mode']} | {r['outcome'][:40]} | {r['tg'] or 0:.2f} | {r['peak_cgroup_mib']:.0f} | "
-                         f"{(r['read_per_token'] or 0) / 4096:.2f} |")
+            ttft = "-" if r["ttft_s"] is None else f"{r['ttft_s']:.2f}"
+            lines.append(f"| {r['load_mode']} | {r['outcome'][:40]} | {ttft} | "
+                         f"{r['tg'] or 0:.2f} | {r['peak_cgroup_mib']:.0f} | {(r['read_per_token'] or 0) / 4096:.2f} |")
     if res.get("bisect"):
         lines += ["", "RAM needed for full speed (the smallest cap, to 32 MiB, at which tg128 >= 0.9x the "
                   "model's tg128 under a cap of its file size + 512 MiB, measured just before):", "",
@@ -589,10 +596,10 @@ def main() -> None:
             res["load_modes"] = []
             for mode in ("mmap", "none", "dio", "mlock"):
                 row = measure(bench.model_path("meki-1.7b", bb), cap * MiB, profile, args.threads, version, device,
-                              what=("tg",), uncapped_tg=unc["meki-1.7b"], load_mode=mode)
+                              what=("ttft", "tg"), uncapped_tg=unc["meki-1.7b"], load_mode=mode)
                 row["load_mode"] = mode
                 res["load_modes"].append(row)
-                log(f"load mode {mode}: {row['outcome']} tg {row['tg'] or 0:.2f} t/s, "
+                log(f"load mode {mode}: {row['outcome']} tg {row['tg'] or 0:.2f} t/s, ttft {row['ttft_s'] or 0:.2f} s, "
                     f"peak cgroup {row['peak_cgroup_mib']:.0f} MiB")
             save()
     except KeyboardInterrupt:
