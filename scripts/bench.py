@@ -258,11 +258,11 @@ def quiet(res: dict) -> str:
     rows = [r for r in res["rows"] if "others" in r]
     if not rows:
         return "Other work shared the cores: wall-clock t/s (llama-bench's) swing with it."
-    cap = res["machine"]["cores"] * sum(r["wall"] for r in rows)
-    share = [r["others"] / (res["machine"]["cores"] * r["wall"]) for r in rows]
-    return (f"While they ran, the rest of the machine used {100 * sum(r['others'] for r in rows) / cap:.1f}% of its "
-            f"CPU time (at most {100 * max(share):.1f}% during one model's calls) and the hypervisor took "
-            f"{100 * sum(r['steal'] for r in rows) / cap:.1f}% as steal.")
+    cores = res["machine"]["cores"]
+    total = lambda k: 100 * sum(r[k] for r in rows) / (cores * sum(r["wall"] for r in rows))  # noqa: E731
+    most = 100 * max(r["others"] / (cores * r["wall"]) for r in rows)
+    return (f"While they ran, the rest of the machine used {total('others'):.1f}% of its CPU time (at most "
+            f"{most:.1f}% during one model's calls) and the hypervisor took {total('steal'):.1f}% as steal.")
 
 
 def report(res: dict) -> str:

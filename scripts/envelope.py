@@ -434,7 +434,7 @@ def report(res: dict) -> str:
     return "\n".join(lines)
 
 
-SETS = [(b, p) for b in ("q4_0", "q8_0") for p in PROFILES]     # the order of the report
+SETS = [(b, p) for b in reversed(bench.BACKBONES) for p in PROFILES]     # the order of the report: q4_0 first
 
 
 def saved() -> list[dict]:
@@ -529,10 +529,11 @@ def main() -> None:
     if unknown := set(stages) - set(STAGES):
         ap.error(f"unknown stage(s) {', '.join(sorted(unknown))}: the stages are {', '.join(STAGES)}")
     if args.report:
-        print(report_all(saved()))
+        sets = saved()
+        print(report_all(sets))
         if args.write_docs:
-            plot(saved())
-            write_docs(report_all(saved()))
+            plot(sets)
+            write_docs(report_all(sets))
         return
 
     version = cgroup_version()
@@ -608,8 +609,9 @@ def main() -> None:
     log(f"results in {out}")
     print(report(res))
     if args.write_docs:
-        plot(saved())
-        write_docs(report_all(saved()))
+        sets = saved()
+        plot(sets)
+        write_docs(report_all(sets))
 
 
 if __name__ == "__main__":
