@@ -160,8 +160,8 @@ def quantize(src: Path, out: Path, table_type: str, backbone_type: str | None, a
 @main.command()
 @click.argument("file", type=click.Path(exists=True, dir_okay=False, path_type=Path))
 def inspect(file: Path):
-    """Show what the MeKi GGUF FILE holds: dimensions, gate variant, tensor types, and the
-    memory budget (weights held in RAM vs the table read row by row from disk)."""
+    """Show what the MeKi GGUF FILE holds: dimensions, tensor types, and the memory budget
+    (weights held in RAM vs the table read row by row from disk)."""
     import gguf
 
     from .runtime import read_header
@@ -186,8 +186,9 @@ def inspect(file: Path):
     ram = sum(t.nbytes for t in tensors.values() if t is not table)
     block, type_size = gguf.GGML_QUANT_SIZES[table.type]
     ftype = kv.get("general.file_type")
-    gate = ("h = A, the un-normalized residual (Megatron-LM + Transformer Engine)"
-            if key("memory.gate_on_residual") else "h = RMSNorm_ffn(A) (the paper)")
+    if kv.get("meki.memory.gate_on_residual") is True:      # llama.cpp refuses it: say so here too
+        from .fold import LEGACY_GATE
+        raise MekiError(f"{file}: meki.memory.{LEGACY_GATE}")
     qk = "blk.0.attn_q_norm.weight" in tensors
     rows = [
         ("file", f"{file} ({_size(file.stat().st_size)}), GGUF v{kv.get('GGUF.version')}, "
@@ -197,7 +198,6 @@ def inspect(file: Path):
                   f"vocab {V}, context {key('context_length')}"),
         ("rope", f"theta {key('rope.freq_base'):g} (NEOX), RMSNorm eps {key('attention.layer_norm_rms_epsilon'):.3g}, "
                  f"QK-norm {'yes' if qk else 'no'}, output {'untied' if 'output.weight' in tensors else 'tied'}"),
-        ("gate", gate),
         ("tokenizer", f"{kv.get('tokenizer.ggml.model', 'none')} (pre {kv.get('tokenizer.ggml.pre', '-')}), "
                       f"{n_tok} tokens"),
         ("types", f"backbone {', '.join(f'{c} {n}' for n, c in sorted(types.items()))}"
@@ -314,8 +314,8 @@ def demo(n: int, n_chat: int):
     ckpt = load_checkpoint(d.checkpoint_dir())
     c = ckpt.config
     click.echo(f"checkpoint  {d.checkpoint_dir()} (Megatron-LM, {c.n_layer} layers, d {c.d_model}, "
-               f"m {c.d_mem}, vocab {c.vocab_size}, gate {'on the residual' if c.gate_on_residual else 'on the normed state'}, "
-               f"random weights)")
+               f"m {c.d_mem}, vocab {c.vocab_size}, transformer_impl "
+               f"{'transformer_engine' if c.dyn_norm else 'local'}, random weights)")
     click.echo(f"GGUF        {path} ({_size(path.stat().st_size)}, f32, table read lazily by row)")
     llm = parity.open_llama(path)
     prompt = llm.tokenize(d.PROMPT.encode(), add_bos=False)

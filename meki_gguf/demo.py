@@ -22,14 +22,15 @@ import torch
 
 from .model import MekiConfig
 
-# The released MeKi training script's shape in miniature: TE layout (gate on the residual),
-# tied embeddings, no QK-norm; the tiny tokenizer's 320 tokens padded to 384 rows like Megatron.
+# The released MeKi training script's shape in miniature: the Transformer Engine spec (so G_l has
+# its input norm), tied embeddings, no QK-norm; the tiny tokenizer's 320 tokens padded to 384 rows
+# like Megatron.
 CONFIG = MekiConfig(vocab_size=384, n_layer=4, d_model=128, d_mem=64, d_ff=384, n_head=4, n_kv_head=2,
-                    head_dim=32, qk_norm=False, tied=True, gate_on_residual=True, max_seq_len=2048)
+                    head_dim=32, qk_norm=False, tied=True, dyn_norm=True, max_seq_len=2048)
 N_TOKENS = 320
 SEED = 0
 PROMPT = "Once upon a time, a small model kept its memory on disk."
-NAME = "meki-demo-random.gguf"       # bump the name when CONFIG or the recipe changes
+NAME = "meki-demo-random-2.gguf"     # bump the name when CONFIG or the recipe changes
 EMBEDDED = Path(__file__).parent / "data" / "meki-demo.gguf"   # regenerate: scripts/train_demo.py --install
 CHAT_PROMPT = "How do I read a file line by line?"
 

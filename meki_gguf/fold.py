@@ -17,7 +17,7 @@ from typing import Iterator, Mapping
 import torch
 
 try:
-    from conversion.meki import FOLDED, fold_rows, memory_expert  # noqa: F401 (re-exported)
+    from conversion.meki import FOLDED, LEGACY_GATE, fold_rows, memory_expert  # noqa: F401 (re-exported)
 except ImportError as e:   # pragma: no cover - the install puts it there (scripts/build_llama.py)
     raise ImportError(f"meki_gguf needs llama.cpp's conversion package from the patched tree "
                       f"(scripts/install.sh installs it): {e}") from None
@@ -31,4 +31,4 @@ def fold_chunks(c, tensors: Mapping[str, torch.Tensor], chunk: int = 4096,
     c: a MekiConfig; tensors: the checkpoint's (Hugging Face names, any dtype)."""
     for lo in range(0, c.vocab_size, chunk):
         yield fold_rows(tensors.__getitem__, lo, min(lo + chunk, c.vocab_size), c.n_layer, c.norm_eps,
-                        c.folded, c.gate_on_residual, dtype)
+                        c.folded, c.dyn_norm, dtype)

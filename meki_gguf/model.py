@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from transformers import AutoConfig, AutoModelForCausalLM, GenerationMixin, PretrainedConfig, PreTrainedModel
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
-from .fold import fold_rows, memory_expert
+from .fold import LEGACY_GATE, fold_rows, memory_expert
 
 
 @dataclass(init=False, repr=False, eq=False)   # dataclass: fields()/replace() of the MeKi hyperparameters
@@ -46,21 +46,23 @@ class MekiConfig(PretrainedConfig):
     norm_eps: float = 1e-6
     qk_norm: bool = False
     tied: bool = True
-    # False: the paper's gate, sigmoid(W_gate . RMSNorm_ffn(A)).
-    # True: Megatron-LM with Transformer Engine: the gate sees the raw residual A,
-    # and the dynamic projection G has its own RMSNorm on its input.
-    gate_on_residual: bool = False
+    # G_l normalizes its input, the word embedding row, with its own RMSNorm weight: true for
+    # Megatron-LM's Transformer Engine spec (the released script), whose G_l is built from the
+    # TE MLP spec with the norm fused into its first linear; false for the local spec
+    dyn_norm: bool = False
     max_seq_len: int = 4096
     # True: the memory is stored folded, one table T_l [V, m] per layer (docs/METHOD.md)
     folded: bool = False
 
     def __init__(self, vocab_size=512, n_layer=2, d_model=64, d_mem=16, d_ff=128, n_head=4, n_kv_head=2,
                  head_dim=16, rope_theta=500000.0, norm_eps=1e-6, qk_norm=False, tied=True,
-                 gate_on_residual=False, max_seq_len=4096, folded=False, **kwargs):
+                 dyn_norm=False, max_seq_len=4096, folded=False, **kwargs):
+        if kwargs.pop("gate_on_residual", False):
+            raise ValueError(LEGACY_GATE)
         super().__init__(**kwargs)          # sets tie_word_embeddings (= tied) to its default: set ours after
         self.vocab_size, self.n_layer, self.d_model, self.d_mem, self.d_ff = vocab_size, n_layer, d_model, d_mem, d_ff
         self.n_head, self.n_kv_head, self.head_dim, self.rope_theta = n_head, n_kv_head, head_dim, rope_theta
-        self.norm_eps, self.qk_norm, self.tied, self.gate_on_residual = norm_eps, qk_norm, tied, gate_on_residual
+        self.norm_eps, self.qk_norm, self.tied, self.dyn_norm = norm_eps, qk_norm, tied, dyn_norm
         self.max_seq_len, self.folded = max_seq_len, folded
 
     @property
@@ -150,7 +152,7 @@ class MemoryBranch(nn.Module):
             self.table = None
             self.memory = nn.Embedding(c.vocab_size, c.d_mem)                    # M_l (static)
             self.dyn = SwiGLU(c.d_model, c.d_dyn, c.d_mem,                       # G_l (dynamic)
-                              norm_eps=c.norm_eps if c.gate_on_residual else None)
+                              norm_eps=c.norm_eps if c.dyn_norm else None)
             self.mix_norm = RMSNorm(c.d_mem, c.norm_eps)
             self.alpha = nn.Parameter(torch.ones(()))
             self.beta = nn.Parameter(torch.ones(()))
@@ -181,7 +183,6 @@ class MemoryBranch(nn.Module):
 class Block(nn.Module):
     def __init__(self, c: MekiConfig, layer_idx: int):
         super().__init__()
-        self.gate_on_residual = c.gate_on_residual
         self.input_layernorm = RMSNorm(c.d_model, c.norm_eps)
         self.self_attn = Attention(c, layer_idx)
         self.post_attention_layernorm = RMSNorm(c.d_model, c.norm_eps)
@@ -191,8 +192,7 @@ class Block(nn.Module):
     def forward(self, x, ids, E, pos, cache=None):
         A = x + self.self_attn(self.input_layernorm(x), pos, cache)
         H = self.post_attention_layernorm(A)
-        h = A if self.gate_on_residual else H
-        return A + self.mlp(H) + self.meki(ids, E, h)   # memory parallel to the FFN
+        return A + self.mlp(H) + self.meki(ids, E, H)   # memory parallel to the FFN; both see H
 
 
 class MekiModel(nn.Module):
@@ -267,7 +267,7 @@ class MekiForCausalLM(MekiPreTrainedModel, GenerationMixin):
             return
         c = self.config
         T = fold_rows(self.state_dict().__getitem__, 0, c.vocab_size, c.n_layer, c.norm_eps, folded=False,
-                      gate_on_residual=c.gate_on_residual, dtype=torch.float64)
+                      dyn_norm=c.dyn_norm, dtype=torch.float64)
         for il, blk in enumerate(self.model.layers):
             blk.meki.fold_into(T[:, il * c.d_mem:(il + 1) * c.d_mem])
         self.config = copy.deepcopy(c)

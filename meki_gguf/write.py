@@ -27,7 +27,7 @@ from conversion.meki import MekiModel
 
 from .atomic import replace_atomically
 from .errors import MekiError
-from .checkpoint import _HF_META
+from .checkpoint.hf import HF_META
 from .fold import FOLDED
 from .model import MekiForCausalLM
 from .tokenizer import find_tokenizer, tokenizer_kv
@@ -140,7 +140,7 @@ class _Converter(MekiModel):
         self.table_type, self.fold_dtype = table_type, fold_dtype
         if chunk is not None:
             self.fold_chunk = chunk
-        hparams = {**_HF_META, **asdict(ckpt.config)}           # what its config.json holds
+        hparams = {**HF_META, **asdict(ckpt.config)}           # what its config.json holds
         super().__init__(source_dir(ckpt.path), ftype, Path(os.devnull), hparams=hparams)
 
     def index_tensors(self, remote_hf_model_id=None):
@@ -181,7 +181,6 @@ def add_hparams(w: gguf.GGUFWriter, c) -> None:
     w.add_rope_freq_base(c.rope_theta)
     if w.arch == ARCH:
         w.add_embedding_length_per_layer_input(c.d_mem)
-        w.add_bool(f"{ARCH}.memory.gate_on_residual", c.gate_on_residual)
 
 
 def write_atomic(w: gguf.GGUFWriter, out: Path) -> None:

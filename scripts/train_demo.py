@@ -12,8 +12,8 @@ Stages (each cached under --out, so a rerun only redoes what is missing):
 2. tokenizer: a byte-level BPE (vocabulary 4096 including 3 ChatML specials) trained with the
    `tokenizers` library on the training split, with Qwen2's pre-tokenizer (llama.cpp pre "qwen2")
    and a ChatML chat template, exactly the recipe of meki_gguf.tokenizer.tiny_tokenizer_dir.
-3. train: MeKi (training form: static table + dynamic projection, the paper's gate variant
-   gate_on_residual=False) and its dense twin (the same backbone, the same initial backbone
+3. train: MeKi (training form: static table + dynamic projection; G without an input norm, as in
+   the local spec, dyn_norm=False) and its dense twin (the same backbone, the same initial backbone
    weights, without the memory branch) on the same batches (same token stream, steps and seed);
    AdamW, linear warm-up then cosine decay. Held-out perplexity of both in PyTorch (float32) at
    equal training tokens.
@@ -388,7 +388,7 @@ def main():
     # 3. train both on the same batches
     c = MekiConfig(vocab_size=a.vocab, n_layer=a.layers, d_model=a.d_model, d_mem=a.d_mem, d_ff=a.d_ff,
                    n_head=a.d_model // 64, n_kv_head=max(1, a.d_model // 128), head_dim=64,
-                   rope_theta=500000.0, qk_norm=False, tied=True, gate_on_residual=False, max_seq_len=4096)
+                   rope_theta=500000.0, qk_norm=False, tied=True, dyn_norm=False, max_seq_len=4096)
     starts = batches(len(data), a.steps, a.batch, a.ctx, a.seed)
     res_file = run / "results.json"
     res = json.loads(res_file.read_text()) if res_file.is_file() else {}

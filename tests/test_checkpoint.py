@@ -1,5 +1,5 @@
-"""Reading checkpoints (meki_gguf/checkpoint.py): both layouts round-trip, the official Megatron
-layout is decoded right, and every bad input is a one-line MekiError."""
+"""Reading checkpoints (meki_gguf/checkpoint/): both layouts round-trip, the official Megatron
+layout is written and decoded right, and every bad input is a one-line MekiError."""
 from __future__ import annotations
 
 import argparse
@@ -16,10 +16,12 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from meki_gguf.checkpoint import (Opaque, _torch_load, _unpack, load_checkpoint, save_hf,
-                                  save_megatron)
+from meki_gguf.checkpoint import load_checkpoint, save_hf, save_megatron
+from meki_gguf.checkpoint.megatron import _unpack
+from meki_gguf.checkpoint.unpickle import Opaque
+from meki_gguf.checkpoint.unpickle import torch_load as _torch_load
 from meki_gguf.errors import MekiError
-from meki_gguf.model import MekiConfig, init_random
+from meki_gguf.model import MekiConfig, MekiForCausalLM, init_random
 
 TINY = MekiConfig(vocab_size=160, n_layer=2, d_model=64, d_mem=32, d_ff=96, n_head=4,
                   n_kv_head=2, head_dim=16)
@@ -66,7 +68,7 @@ def rewrite(file: Path, edit):
     ck = _torch_load(file)
     ck["args"].model_type = None
     ck["rng_state"] = None
-    ck["model"] = {k: v.clone() for k, v in ck["model"].items()}
+    ck["model"] = {k: v.clone() if isinstance(v, torch.Tensor) else v for k, v in ck["model"].items()}
     edit(ck)
     tmp = file.with_suffix(".tmp")
     torch.save(ck, tmp)
@@ -76,21 +78,125 @@ def rewrite(file: Path, edit):
 # --- Megatron: round trip --------------------------------------------------------------------
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
-@pytest.mark.parametrize("gate_on_residual", [True, False])
+@pytest.mark.parametrize("dyn_norm", [True, False])
 @pytest.mark.parametrize("qk_norm", [True, False])
 @pytest.mark.parametrize("tied", [True, False])
-def test_megatron_round_trip(tmp_path, dtype, gate_on_residual, qk_norm, tied):
-    _, m = tiny(gate_on_residual=gate_on_residual, qk_norm=qk_norm, tied=tied)
+def test_megatron_round_trip(tmp_path, dtype, dyn_norm, qk_norm, tied):
+    _, m = tiny(dyn_norm=dyn_norm, qk_norm=qk_norm, tied=tied)
     root = save_megatron(m, tmp_path / "ck", dtype=dtype)
     ck = load_checkpoint(root)
     assert ck.source_format == "megatron" and ck.path == root / PT
     assert_same(ck, m, dtype)
 
 
-def test_megatron_layout_is_official(tmp_path):
-    """The saved file looks like the released training code's: TE fused norms, _extra_state,
-    a Megatron enum in args, numpy RNG state; and megatron is not left importable."""
-    _, m = tiny(gate_on_residual=True, tied=False)
+# The state dict of the official code, written here from its files (ningding-o/MeKi @ a196d7a,
+# Megatron-LM/megatron/core/transformer/transformer_layer.py: TransformerLayer.__init__, MeKi.__init__;
+# megatron/core/models/gpt/gpt_layer_specs.py; transformer_block.py), not from our reader: one
+# layer's keys per spec, without QK-norm, with the kind of `_extra_state` each module writes
+# ("te": a Transformer Engine module's, "none": a Megatron linear's None).
+OFFICIAL_LAYER = {
+    "transformer_engine": {
+        "self_attention.linear_qkv.layer_norm_weight": "w",   # TELayerNormColumnParallelLinear (spec)
+        "self_attention.linear_qkv.weight": "w",
+        "self_attention.linear_qkv._extra_state": "te",
+        "self_attention.core_attention._extra_state": "te",   # TEDotProductAttention
+        "self_attention.linear_proj.weight": "w",             # TERowParallelLinear
+        "self_attention.linear_proj._extra_state": "te",
+        "pre_mlp_layernorm.weight": "w",                      # te RMSNorm built by TransformerLayer
+        "pre_mlp_layernorm._extra_state": "te",
+        "mlp.linear_fc1.weight": "w",                         # swapped for TEColumnParallelLinear
+        "mlp.linear_fc1._extra_state": "te",
+        "mlp.linear_fc2.weight": "w",                         # TERowParallelLinear (spec)
+        "mlp.linear_fc2._extra_state": "te",
+        "meki_module.mix_norm.weight": "w", "meki_module.mix_norm._extra_state": "te",
+        "meki_module.alpha_scale": "w", "meki_module.beta_scale": "w",
+        "meki_module.word_emb_projection.linear_fc1.layer_norm_weight": "w",   # the spec's MLP: TE, fused norm
+        "meki_module.word_emb_projection.linear_fc1.weight": "w",
+        "meki_module.word_emb_projection.linear_fc1._extra_state": "te",
+        "meki_module.word_emb_projection.linear_fc2.weight": "w",
+        "meki_module.word_emb_projection.linear_fc2._extra_state": "te",
+        "meki_module.embeddings.weight": "w",                 # VocabParallelEmbedding
+        "meki_module.gate_proj.weight": "w", "meki_module.gate_proj._extra_state": "te",
+        "meki_module.out_proj.weight": "w", "meki_module.out_proj._extra_state": "te",
+        "meki_module.post_norm.weight": "w", "meki_module.post_norm._extra_state": "te",
+    },
+    "local": {
+        "input_layernorm.weight": "w",                        # WrappedTorchNorm (torch RMSNorm)
+        "self_attention.linear_qkv.weight": "w",              # ColumnParallelLinear
+        "self_attention.linear_qkv._extra_state": "none",
+        "self_attention.linear_proj.weight": "w",             # RowParallelLinear; core attention has no state
+        "self_attention.linear_proj._extra_state": "none",
+        "pre_mlp_layernorm.weight": "w", "pre_mlp_layernorm._extra_state": "te",
+        "mlp.linear_fc1.weight": "w", "mlp.linear_fc1._extra_state": "te",
+        "mlp.linear_fc2.weight": "w", "mlp.linear_fc2._extra_state": "none",
+        "meki_module.mix_norm.weight": "w", "meki_module.mix_norm._extra_state": "te",
+        "meki_module.alpha_scale": "w", "meki_module.beta_scale": "w",
+        "meki_module.word_emb_projection.linear_fc1.weight": "w",             # the spec's MLP: no norm
+        "meki_module.word_emb_projection.linear_fc1._extra_state": "none",
+        "meki_module.word_emb_projection.linear_fc2.weight": "w",
+        "meki_module.word_emb_projection.linear_fc2._extra_state": "none",
+        "meki_module.embeddings.weight": "w",
+        "meki_module.gate_proj.weight": "w", "meki_module.gate_proj._extra_state": "te",
+        "meki_module.out_proj.weight": "w", "meki_module.out_proj._extra_state": "te",
+        "meki_module.post_norm.weight": "w", "meki_module.post_norm._extra_state": "te",
+    },
+}
+# TransformerBlock's final norm is TENorm whenever TE is installed (as MeKi needs), in both specs;
+# the output layer is Megatron's linear: its None extra state even when tied (no weight then)
+OFFICIAL_GLOBAL = {"embedding.word_embeddings.weight": "w", "decoder.final_layernorm.weight": "w",
+                   "decoder.final_layernorm._extra_state": "te", "output_layer._extra_state": "none"}
+# --qk-layernorm adds TENorm (TE spec) or a torch RMSNorm (local) for queries and keys
+OFFICIAL_QK = {"transformer_engine": {"self_attention.q_layernorm.weight": "w", "self_attention.q_layernorm._extra_state": "te",
+                                      "self_attention.k_layernorm.weight": "w", "self_attention.k_layernorm._extra_state": "te"},
+               "local": {"self_attention.q_layernorm.weight": "w", "self_attention.k_layernorm.weight": "w"}}
+
+
+def official_keys(impl: str, n_layer: int, qk_norm: bool = False, tied: bool = True) -> dict[str, str]:
+    keys = dict(OFFICIAL_GLOBAL)
+    for i in range(n_layer):
+        layer = {**OFFICIAL_LAYER[impl], **(OFFICIAL_QK[impl] if qk_norm else {})}
+        keys.update({f"decoder.layers.{i}.{k}": v for k, v in layer.items()})
+    if not tied:
+        keys["output_layer.weight"] = "w"
+    return keys
+
+
+@pytest.mark.parametrize("qk_norm,tied", [(False, True), (True, False)], ids=["released", "qk-untied"])
+@pytest.mark.parametrize("impl", ["transformer_engine", "local"])
+def test_megatron_keys_are_the_official_ones(tmp_path, impl, qk_norm, tied):
+    """save_megatron writes exactly the official state dict of a 2-layer model: every key, and
+    each `_extra_state` as the module that owns it writes it (TE 2.x: a uint8 tensor)."""
+    _, m = tiny(dyn_norm=impl == "transformer_engine", qk_norm=qk_norm, tied=tied)
+    sd = _torch_load(save_megatron(m, tmp_path) / PT)["model"]
+    want = official_keys(impl, 2, qk_norm, tied)
+    assert sorted(sd) == sorted(want)
+    for k, kind in want.items():
+        v = sd[k]
+        if kind == "w":
+            assert isinstance(v, torch.Tensor) and v.is_floating_point(), k
+        elif kind == "te":
+            assert isinstance(v, torch.Tensor) and v.dtype == torch.uint8, k
+        else:
+            assert v is None, k
+
+
+@pytest.mark.parametrize("form", ["te2", "te2-fp8", "te1"])
+@pytest.mark.parametrize("impl", ["transformer_engine", "local"])
+def test_every_extra_state_form_reads(tmp_path, impl, form):
+    """TE 2.x without and with FP8 metadata (uint8 tensors, empty or not) and TE 1.x (a BytesIO,
+    and no extra state for its RMSNorm): the same model comes out."""
+    _, m = tiny(dyn_norm=impl == "transformer_engine", qk_norm=True)
+    root = save_megatron(m, tmp_path, dtype=torch.float32, extra_state=form)
+    sd = _torch_load(root / PT)["model"]
+    extra = {type(v).__name__ for k, v in sd.items() if k.endswith("._extra_state") and v is not None}
+    assert extra == ({"BytesIO"} if form == "te1" else {"Tensor"})        # BytesIO: an inert placeholder
+    assert_same(load_checkpoint(root), m, torch.float32)
+
+
+def test_megatron_file_is_official(tmp_path):
+    """The saved file looks like the released training code's: args with a Megatron enum, numpy
+    RNG state; and megatron is not left importable."""
+    _, m = tiny(dyn_norm=True, tied=False)
     file = save_megatron(m, tmp_path) / PT
     assert "megatron" not in sys.modules
     assert (tmp_path / "latest_checkpointed_iteration.txt").read_text() == "1000"
@@ -100,11 +206,6 @@ def test_megatron_layout_is_official(tmp_path):
 
     raw = _torch_load(file)
     sd, args = raw["model"], raw["args"]
-    for k in ("self_attention.linear_qkv.layer_norm_weight", "mlp.linear_fc1.layer_norm_weight",
-              "meki_module.word_emb_projection.linear_fc1.layer_norm_weight",
-              "self_attention.linear_qkv._extra_state", "meki_module.gate_proj._extra_state"):
-        assert L0 + k in sd, k
-    assert "output_layer.weight" in sd
     assert sd[L0 + "meki_module.alpha_scale"].shape == ()
     assert isinstance(args, argparse.Namespace) and args.meki_dim == 32
     assert args.transformer_impl == "transformer_engine" and args.params_dtype is torch.bfloat16
@@ -113,10 +214,112 @@ def test_megatron_layout_is_official(tmp_path):
     np_state = raw["rng_state"][0]["np_rng_state"]
     assert np_state[0] == "MT19937" and isinstance(np_state[1], Opaque)   # an inert ndarray
 
-    local = save_megatron(tiny(gate_on_residual=False)[1], tmp_path / "local") / PT
-    sd = _torch_load(local)["model"]
-    assert L0 + "input_layernorm.weight" in sd and L0 + "pre_mlp_layernorm.weight" in sd
-    assert not any(k.endswith("layer_norm_weight") for k in sd)
+
+def test_the_gate_and_the_ffn_see_one_normed_state(tmp_path):
+    """Megatron's names map where the official forward uses them: pre_mlp_layernorm is the one norm
+    before the FFN and the MeKi gate (ours: post_attention_layernorm); G's fused input norm is
+    meki.dyn.norm; the attention norm is fused (TE) or not (local)."""
+    for impl, te in (("transformer_engine", True), ("local", False)):
+        _, m = tiny(dyn_norm=te)
+        raw = _torch_load(save_megatron(m, tmp_path / impl, dtype=torch.float32) / PT)["model"]
+        ck = load_checkpoint(tmp_path / impl).tensors
+        pairs = {"pre_mlp_layernorm.weight": "post_attention_layernorm.weight",
+                 ("self_attention.linear_qkv.layer_norm_weight" if te else "input_layernorm.weight"):
+                     "input_layernorm.weight"}
+        if te:
+            pairs["meki_module.word_emb_projection.linear_fc1.layer_norm_weight"] = "meki.dyn.norm.weight"
+        for mg, ours in pairs.items():
+            assert torch.equal(raw[L0 + mg], ck["model.layers.0." + ours]), (impl, mg)
+        assert ("model.layers.0.meki.dyn.norm.weight" in ck) == te
+
+
+def official_forward(sd: dict, args, ids: torch.Tensor) -> torch.Tensor:
+    """Logits [T, V] of the official fork's GPTModel on the raw Megatron state dict, float64,
+    written from its code and using no meki_gguf code (ningding-o/MeKi @ a196d7a: transformer_layer.py
+    TransformerLayer._forward_attention / _forward_mlp and MeKi.forward; attention.py SelfAttention
+    (QKV grouped per query group); mlp.py (SwiGLU: silu of the first half of fc1 times the second);
+    rotary_pos_embedding.py (rotate-half)). The arbiter of what our map from Megatron names means."""
+    te = args.transformer_impl == "transformer_engine"
+    eps, nq, ng, hd = args.norm_epsilon, args.num_attention_heads, args.num_query_groups, args.kv_channels
+    W = {k: v.double() for k, v in sd.items() if isinstance(v, torch.Tensor) and v.is_floating_point()}
+
+    def rms(x, w):                                       # TE/torch RMSNorm, zero_centered_gamma off
+        return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps) * w
+
+    def swiglu(x, fc1, fc2):
+        a, b = (x @ fc1.T).chunk(2, -1)
+        return (torch.nn.functional.silu(a) * b) @ fc2.T
+
+    T = len(ids)
+    inv = 1.0 / args.rotary_base ** (torch.arange(0, hd, 2, dtype=torch.float64) / hd)
+    ang = torch.cat([torch.arange(T, dtype=torch.float64)[:, None] * inv] * 2, -1)
+
+    def rope(t):                                         # [heads, T, hd]
+        return t * ang.cos() + torch.cat([-t[..., hd // 2:], t[..., :hd // 2]], -1) * ang.sin()
+
+    word_emb = W["embedding.word_embeddings.weight"][ids]   # the embedding's output, fed to every MeKi
+    x = word_emb
+    for i in range(args.num_layers):
+        w = {k.removeprefix(f"decoder.layers.{i}."): v for k, v in W.items() if k.startswith(f"decoder.layers.{i}.")}
+        h = rms(x, w["self_attention.linear_qkv.layer_norm_weight" if te else "input_layernorm.weight"])
+        qkv = (h @ w["self_attention.linear_qkv.weight"].T).view(T, ng, nq // ng + 2, hd)
+        q, k, v = qkv[:, :, :-2].reshape(T, nq, hd), qkv[:, :, -2], qkv[:, :, -1]
+        if args.qk_layernorm:
+            q, k = rms(q, w["self_attention.q_layernorm.weight"]), rms(k, w["self_attention.k_layernorm.weight"])
+        q, k, v = rope(q.transpose(0, 1)), rope(k.transpose(0, 1)), v.transpose(0, 1)
+        k, v = k.repeat_interleave(nq // ng, 0), v.repeat_interleave(nq // ng, 0)
+        att = (q @ k.transpose(1, 2)) / hd ** 0.5 + torch.full((T, T), float("-inf"), dtype=torch.float64).triu(1)
+        A = x + (att.softmax(-1) @ v).transpose(0, 1).reshape(T, -1) @ w["self_attention.linear_proj.weight"].T
+        H = rms(A, w["pre_mlp_layernorm.weight"])        # TransformerLayer's own pre-MLP norm, both specs
+        mlp = swiglu(H, w["mlp.linear_fc1.weight"], w["mlp.linear_fc2.weight"])
+        m = "meki_module."                               # MeKi.forward(hidden_states=H, input_ids, word_emb)
+        g_in = rms(word_emb, w[m + "word_emb_projection.linear_fc1.layer_norm_weight"]) if te else word_emb
+        dynamic = swiglu(g_in, w[m + "word_emb_projection.linear_fc1.weight"], w[m + "word_emb_projection.linear_fc2.weight"])
+        meki = rms(w[m + "embeddings.weight"][ids] + dynamic * w[m + "beta_scale"], w[m + "mix_norm.weight"]) * w[m + "alpha_scale"]
+        fused = torch.sigmoid(H @ w[m + "gate_proj.weight"].T) + meki
+        x = A + mlp + rms(fused @ w[m + "out_proj.weight"].T, w[m + "post_norm.weight"])
+    x = rms(x, W["decoder.final_layernorm.weight"])
+    return x @ W.get("output_layer.weight", W["embedding.word_embeddings.weight"]).T
+
+
+@pytest.mark.parametrize("qk_norm,tied", [(False, True), (True, False)], ids=["released", "qk-untied"])
+@pytest.mark.parametrize("impl", ["transformer_engine", "local"])
+def test_our_reading_computes_the_official_forward(tmp_path, impl, qk_norm, tied):
+    """The model our reader builds from an official-layout file gives the logits of the official
+    forward run on that file's raw tensors: the map from Megatron names is what the official code
+    means by them, not only what our writer and reader agree on."""
+    _, m = tiny(dyn_norm=impl == "transformer_engine", qk_norm=qk_norm, tied=tied)
+    root = save_megatron(m, tmp_path, dtype=torch.float32)
+    raw = _torch_load(root / PT)
+    ids = torch.randint(0, TINY.vocab_size, (13,), generator=torch.Generator().manual_seed(0))
+    want = official_forward(raw["model"], raw["args"], ids)
+    ck = load_checkpoint(root)
+    ours = MekiForCausalLM(ck.config).double()
+    ours.load_state_dict({k: v.double() for k, v in ck.tensors.items()})
+    with torch.no_grad():
+        got = ours(ids[None]).logits[0]
+    err = ((got - want).abs().max() / want.abs().max()).item()
+    print(f"\n{impl} qk={qk_norm} tied={tied}: max relative logit error vs the official forward {err:.1e}")
+    assert err < 1e-12
+
+
+def test_our_old_misread_layout_is_refused_naming_the_official_keys(tmp_path):
+    """meki-gguf 0.1 wrote (and read) the TE spec with the FFN norm fused into mlp.linear_fc1 and no
+    pre_mlp_layernorm: no official code writes that. The error names the keys the layout has."""
+    _, m = tiny(dyn_norm=True)
+    root = save_megatron(m, tmp_path)
+
+    def misread(ck):
+        sd = ck["model"]
+        for i in range(2):
+            sd[f"decoder.layers.{i}.mlp.linear_fc1.layer_norm_weight"] = sd.pop(f"decoder.layers.{i}.pre_mlp_layernorm.weight")
+            del sd[f"decoder.layers.{i}.pre_mlp_layernorm._extra_state"]
+    rewrite(root / PT, misread)
+    msg = error(root, "missing tensor decoder.layers.0.pre_mlp_layernorm.weight (and 1 more)",
+                "unexpected tensor 'decoder.layers.0.mlp.linear_fc1.layer_norm_weight' (and 1 more)",
+                "not the MeKi fork's layout for args.transformer_impl='transformer_engine'",
+                "self_attention.linear_qkv.layer_norm_weight, self_attention.linear_qkv.weight")
+    print(f"\n{msg}")
 
 
 def test_grouped_qkv_is_deinterleaved(tmp_path):
@@ -184,7 +387,7 @@ def test_untrusted_containers_become_placeholders(tmp_path):
 
 # --- HF-style ----------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("kw", [dict(), dict(gate_on_residual=True, qk_norm=True, tied=False)])
+@pytest.mark.parametrize("kw", [dict(), dict(dyn_norm=True, qk_norm=True, tied=False)])
 def test_hf_round_trip(tmp_path, kw):
     _, m = tiny(**kw)
     save_hf(m, tmp_path)
@@ -300,7 +503,7 @@ def test_missing_and_misshapen_tensors(tmp_path):
     (dict(num_query_groups=3), ["4 heads are not a multiple of 3 KV heads"]),
 ])
 def test_args_inconsistent_with_tensors(tmp_path, override, needles):
-    _, m = tiny(gate_on_residual=True, qk_norm=True)
+    _, m = tiny(dyn_norm=True, qk_norm=True)
     error(save_megatron(m, tmp_path, **override), *needles)
 
 

@@ -32,7 +32,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from meki_gguf.checkpoint import _torch_load, load_checkpoint, save_hf, save_megatron
+from meki_gguf.checkpoint import load_checkpoint, save_hf, save_megatron
+from meki_gguf.checkpoint.unpickle import torch_load as _torch_load
 from meki_gguf.errors import MekiError
 from meki_gguf.model import MekiConfig, init_random
 
@@ -505,7 +506,7 @@ def _megatron_file(tmp_path: Path, edit) -> Path:
     ck = _torch_load(f)
     ck["args"].model_type = None
     ck["rng_state"] = None
-    ck["model"] = {k: v.clone() for k, v in ck["model"].items()}
+    ck["model"] = {k: v.clone() if isinstance(v, torch.Tensor) else v for k, v in ck["model"].items()}
     edit(ck)
     torch.save(ck, f)
     return f

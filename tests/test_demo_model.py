@@ -30,7 +30,7 @@ def test_demo_model_file():
 def test_demo_provenance():
     p = json.loads(PROV.read_text())
     assert p["provenance"]["corpus"]["package"] == "python3.11-doc"
-    assert p["provenance"]["config"]["gate_on_residual"] is False
+    assert p["provenance"]["config"]["dyn_norm"] is False          # the local spec's G_l
     for k in ("meki", "dense"):
         assert p[k]["heldout_ppl"] > 1
     assert p["check_meki"]["top1"] >= 0.95

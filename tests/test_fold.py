@@ -12,7 +12,7 @@ from meki_gguf.fold import fold_chunks
 from meki_gguf.model import MekiConfig, MekiForCausalLM, init_random
 
 TINY = MekiConfig(vocab_size=300, n_layer=3, d_model=64, d_mem=32, d_ff=96, n_head=4, n_kv_head=2, head_dim=16)
-VARIANTS = [pytest.param(False, id="paper"), pytest.param(True, id="megatron-te")]
+VARIANTS = [pytest.param(False, id="local"), pytest.param(True, id="te")]
 
 
 def _reference_tables(sd: dict, c: MekiConfig) -> torch.Tensor:
@@ -24,10 +24,10 @@ def _reference_tables(sd: dict, c: MekiConfig) -> torch.Tensor:
         return torch.cat([blk.meki.expert(ids, E) for blk in model.model.layers], dim=1)
 
 
-@pytest.mark.parametrize("gate_on_residual", VARIANTS)
+@pytest.mark.parametrize("dyn_norm", VARIANTS)
 @pytest.mark.parametrize("qk_norm,tied", [(False, True), (True, False)])
-def test_folded_model_gives_the_same_logits(gate_on_residual, qk_norm, tied):
-    c = replace(TINY, gate_on_residual=gate_on_residual, qk_norm=qk_norm, tied=tied)
+def test_folded_model_gives_the_same_logits(dyn_norm, qk_norm, tied):
+    c = replace(TINY, dyn_norm=dyn_norm, qk_norm=qk_norm, tied=tied)
     model = init_random(c, seed=4, dtype=torch.float64)
     assert all(blk.meki.alpha.item() != 1 and blk.meki.beta.item() != 1 for blk in model.model.layers)  # a wrong fold shows
     ids = torch.randint(0, c.vocab_size, (2, 11), generator=torch.Generator().manual_seed(0))
@@ -41,9 +41,9 @@ def test_folded_model_gives_the_same_logits(gate_on_residual, qk_norm, tied):
     torch.testing.assert_close(after, before, rtol=0, atol=1e-10)
 
 
-@pytest.mark.parametrize("gate_on_residual", VARIANTS)
-def test_streaming_fold_equals_the_training_form(gate_on_residual):
-    c = replace(TINY, gate_on_residual=gate_on_residual)
+@pytest.mark.parametrize("dyn_norm", VARIANTS)
+def test_streaming_fold_equals_the_training_form(dyn_norm):
+    c = replace(TINY, dyn_norm=dyn_norm)
     sd = {k: v.to(torch.bfloat16) for k, v in init_random(c, seed=5).state_dict().items()}  # checkpoint dtype
     want = _reference_tables(sd, c)
 

@@ -33,7 +33,7 @@ from meki_models import TINY, build, corpus_ids, tokenizer
 
 ROOT = Path(__file__).resolve().parents[1]
 CONVERT_HF = ROOT / "build" / "src" / "convert_hf_to_gguf.py"      # llama.cpp's, in the patched tree
-VARIANTS = [pytest.param(False, id="paper"), pytest.param(True, id="megatron-te")]
+VARIANTS = [pytest.param(False, id="local"), pytest.param(True, id="te")]
 
 
 @pytest.fixture(scope="module")
@@ -71,9 +71,9 @@ def assert_same_gguf(a: Path, b: Path) -> None:
 
 # --- transformers --------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("gate_on_residual", VARIANTS)
-def test_auto_classes_load_training_and_folded_form(tmp_path, gate_on_residual):
-    c = replace(TINY, gate_on_residual=gate_on_residual, qk_norm=True, tied=False)
+@pytest.mark.parametrize("dyn_norm", VARIANTS)
+def test_auto_classes_load_training_and_folded_form(tmp_path, dyn_norm):
+    c = replace(TINY, dyn_norm=dyn_norm, qk_norm=True, tied=False)
     ref = init_random(c, seed=1, dtype=torch.float64)
     ids = torch.randint(0, c.vocab_size, (2, 13), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
@@ -97,7 +97,7 @@ def test_auto_classes_load_training_and_folded_form(tmp_path, gate_on_residual):
 
 
 def test_save_pretrained_is_our_layout_sharded_too(tmp_path):
-    c = replace(TINY, gate_on_residual=True)
+    c = replace(TINY, dyn_norm=True)
     model = init_random(c, seed=2)
     model.save_pretrained(tmp_path / "one")
     model.save_pretrained(tmp_path / "shards", max_shard_size="200KB")
@@ -106,7 +106,7 @@ def test_save_pretrained_is_our_layout_sharded_too(tmp_path):
     sd = model.state_dict()
     for folder in ("one", "shards"):
         ck = load_checkpoint(tmp_path / folder)
-        assert ck.config.gate_on_residual and not ck.config.folded and set(ck.tensors) == set(sd)
+        assert ck.config.dyn_norm and not ck.config.folded and set(ck.tensors) == set(sd)
         assert all(torch.equal(ck.tensors[k], sd[k]) for k in sd)
 
 
@@ -133,9 +133,9 @@ def test_generate_and_logits_match_llama_cpp(tmp_path, tok):
 
 # --- llama.cpp's converter -----------------------------------------------------------------------
 
-@pytest.mark.parametrize("gate_on_residual", VARIANTS)
-def test_convert_hf_to_gguf_writes_our_gguf(tmp_path, tok, gate_on_residual):
-    c = replace(TINY, gate_on_residual=gate_on_residual, tied=not gate_on_residual, qk_norm=gate_on_residual)
+@pytest.mark.parametrize("dyn_norm", VARIANTS)
+def test_convert_hf_to_gguf_writes_our_gguf(tmp_path, tok, dyn_norm):
+    c = replace(TINY, dyn_norm=dyn_norm, tied=not dyn_norm, qk_norm=dyn_norm)
     model = init_random(c, seed=3)
     src = tmp_path / "MeKi-tiny"
     model.save_pretrained(src)
@@ -172,7 +172,7 @@ def test_folded_folder_converts_to_the_same_table(tmp_path, tok):
 
 
 def test_megatron_export_hf_round_trips_to_the_same_gguf(tmp_path, tok):
-    c = replace(TINY, gate_on_residual=True)
+    c = replace(TINY, dyn_norm=True)
     mg = save_megatron(init_random(c, seed=5), tmp_path / "mg" / "MeKi-tiny", dtype=torch.bfloat16)
     ours = write_gguf(load_checkpoint(mg), tmp_path / "ours.gguf", "f16", "q8_0", tokenizer=tok, progress=False)
 
@@ -185,3 +185,35 @@ def test_megatron_export_hf_round_trips_to_the_same_gguf(tmp_path, tok):
 
     r = CliRunner().invoke(main, ["export-hf", str(mg), str(out)])          # no overwrite of a full folder
     assert r.exit_code != 0 and "exists" in r.stderr and not list((tmp_path / "hub").glob(".*tmp"))
+
+
+# --- meki-gguf 0.1's misread variant -------------------------------------------------------------
+
+@pytest.mark.parametrize("folded", [False, True])
+def test_a_config_with_the_old_gate_variant_is_refused_everywhere(tmp_path, tok, folded):
+    """`gate_on_residual: true` (written by meki-gguf 0.1) names a layer no MeKi model has: our
+    reader, transformers and llama.cpp's converter each refuse it in one line; `false` was the one
+    layer there is, and still loads."""
+    model = init_random(replace(TINY, dyn_norm=True), seed=6)
+    if folded:
+        model.fold()
+    src = tmp_path / "old"
+    model.save_pretrained(src)
+    for f in tok.iterdir():
+        shutil.copy(f, src)
+    cfg = json.loads((src / "config.json").read_text())
+    (src / "config.json").write_text(json.dumps({**cfg, "gate_on_residual": True}))
+
+    with pytest.raises(meki_gguf.MekiError, match="gate_on_residual=true: written by meki-gguf 0.1") as e:
+        load_checkpoint(src)
+    assert "\n" not in str(e.value)
+    with pytest.raises(ValueError, match="gate_on_residual=true"):
+        AutoModelForCausalLM.from_pretrained(src)
+    r = subprocess.run([sys.executable, str(CONVERT_HF), str(src), "--outfile", str(tmp_path / "x.gguf")],
+                       capture_output=True, text=True, timeout=600)
+    assert r.returncode != 0 and "gate_on_residual=true" in r.stderr and not (tmp_path / "x.gguf").exists()
+
+    (src / "config.json").write_text(json.dumps({**cfg, "gate_on_residual": False}))
+    ck = load_checkpoint(src)
+    assert ck.config.dyn_norm and ck.config.folded == folded and set(ck.tensors) == set(model.state_dict())
+    assert isinstance(AutoModelForCausalLM.from_pretrained(src), MekiForCausalLM)

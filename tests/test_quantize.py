@@ -66,7 +66,7 @@ def test_table_type_round_trip(tmp_path, src, table_type, tol):
     for name in set(a) - {TABLE}:
         assert a[name].tensor_type == b[name].tensor_type and np.array_equal(a[name].data, b[name].data), name
     kv = gguf.GGUFReader(out).fields
-    assert kv["general.architecture"].contents() == "meki" and kv["meki.memory.gate_on_residual"].contents() is False
+    assert kv["general.architecture"].contents() == "meki" and kv["meki.embedding_length_per_layer_input"].contents() == 32
 
 
 def test_backbone_and_table_types_are_independent(tmp_path, src):

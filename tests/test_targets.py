@@ -62,14 +62,15 @@ def qemu() -> list[str]:
 @pytest.fixture(scope="module")
 def files(tmp_path_factory, tok):
     """variant -> (reference, {(backbone, table): GGUF}) for the released variant and its opposite
-    (paper gate, QK-norm, untied), so both gate paths and both output heads run on each target."""
+    (the local spec, QK-norm, untied), so both specs, both attention paths and both output heads run
+    on each target."""
     cache = {}
 
     def get(v):
         if v not in cache:
-            gate, qk, tied = v
-            root = tmp_path_factory.mktemp(f"targets-{int(gate)}{int(qk)}{int(tied)}")
-            ckpt, paths = build(root, tok, replace(TINY, gate_on_residual=gate, qk_norm=qk, tied=tied),
+            te, qk, tied = v
+            root = tmp_path_factory.mktemp(f"targets-{int(te)}{int(qk)}{int(tied)}")
+            ckpt, paths = build(root, tok, replace(TINY, dyn_norm=te, qk_norm=qk, tied=tied),
                                 types=(("f32", "f32"), ("f16", "q8_0")))
             paths["q4_0", "q4_0"] = quantize(paths["f32", "f32"], root / "q4_0-q4_0.gguf", "q4_0", "q4_0")
             cache[v] = parity.reference(ckpt), paths
@@ -92,13 +93,13 @@ def check_reference(p: parity.Parity, max_rel_err: float) -> None:
 
 
 def check_quantized(p: parity.Parity) -> None:
-    assert p.top1 >= MIN_TOP1
+    assert p.top1_holds(MIN_TOP1)
     assert p.mean_kl <= MAX_MEAN_KL
 
 
 # --- ARM64 under qemu ---------------------------------------------------------------------------
 
-@pytest.mark.parametrize("variant", [RELEASED, OPPOSITE], ids=["te-noqk-tied", "paper-qk-untied"])
+@pytest.mark.parametrize("variant", [RELEASED, OPPOSITE], ids=["te-noqk-tied", "local-qk-untied"])
 def test_aarch64_f32_matches_reference(files, prompt, qemu, variant):
     ref, paths = files(variant)
     p = parity.against_reference(ref, prompt, *parity.tool_greedy(tool("aarch64"), paths["f32", "f32"], prompt,
@@ -186,7 +187,7 @@ def vk_args(ngl: int) -> dict:
 
 
 @pytest.mark.parametrize("ngl", [99, 2], ids=["all-layers", "half-the-layers"])
-@pytest.mark.parametrize("variant", [RELEASED, OPPOSITE], ids=["te-noqk-tied", "paper-qk-untied"])
+@pytest.mark.parametrize("variant", [RELEASED, OPPOSITE], ids=["te-noqk-tied", "local-qk-untied"])
 def test_vulkan_f32_matches_reference(files, prompt, variant, ngl):
     ref, paths = files(variant)
     greedy, logits, log = parity.tool_greedy(tool("vulkan"), paths["f32", "f32"], prompt, N_GEN, **vk_args(ngl))

@@ -43,6 +43,12 @@ QWEN2_PRE_TOKENIZER = {
 FOLDED = ("memory.", "dyn.", "mix_norm.", "alpha", "beta", "table")
 TABLE = "meki_mem.weight"
 
+# meki-gguf 0.1 wrote `gate_on_residual: true` (config.json) and `meki.memory.gate_on_residual`
+# (GGUF) for a layer that no MeKi code has, from a misreading of Megatron-LM's Transformer Engine
+# spec: weights with that flag would run, silently wrong, so they are refused
+LEGACY_GATE = ("gate_on_residual=true: written by meki-gguf 0.1 from a misread Megatron-LM layout that no "
+               "MeKi model has; convert the original Megatron-LM checkpoint again")
+
 
 def rms_norm(x: Tensor, weight: Tensor, eps: float) -> Tensor:
     return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps) * weight
@@ -55,18 +61,18 @@ def memory_expert(memory: Tensor, emb: Tensor, dyn_gate: Tensor, dyn_up: Tensor,
 
         e = alpha * RMSNorm_mix(M_l[x] + beta * G_l(E[x])),   G_l(u) = W_down (silu(W_gate u) * W_up u)
 
-    dyn_norm: Megatron-LM's Transformer Engine variant normalizes G_l's input (fused into its
-    first linear); the paper's variant does not. The only implementation of the formula: the
-    fold below and meki-gguf's PyTorch/transformers model both evaluate it."""
+    dyn_norm: G_l's own input RMSNorm, if it has one (Megatron-LM's Transformer Engine spec fuses
+    it into G_l's first linear; the local spec has none). The only implementation of the formula:
+    the fold below and meki-gguf's PyTorch/transformers model both evaluate it."""
     u = emb if dyn_norm is None else rms_norm(emb, dyn_norm, eps)
     g = F.linear(F.silu(F.linear(u, dyn_gate)) * F.linear(u, dyn_up), dyn_down)
     return alpha * rms_norm(memory + beta * g, mix_norm, eps)
 
 
 def fold_rows(get: Callable[[str], Tensor], lo: int, hi: int, n_layer: int, eps: float, folded: bool,
-              gate_on_residual: bool, dtype: torch.dtype = torch.float32, rows: int = 1024) -> Tensor:
-    """Token-major table rows [lo, hi): [hi-lo, L*m] in `dtype`. gate_on_residual: the Transformer
-    Engine variant, whose G_l has an input norm (`dyn.norm.weight`).
+              dyn_norm: bool, dtype: torch.dtype = torch.float32, rows: int = 1024) -> Tensor:
+    """Token-major table rows [lo, hi): [hi-lo, L*m] in `dtype`. dyn_norm: G_l has an input norm
+    (`dyn.norm.weight`; the checkpoint has that weight).
 
     get(name) returns a checkpoint tensor by its Hugging Face name; the token-indexed ones are
     sliced to [lo, hi) before they are read, so a chunk touches only its own rows. G_l runs
@@ -80,14 +86,14 @@ def fold_rows(get: Callable[[str], Tensor], lo: int, hi: int, n_layer: int, eps:
             continue
         w = {k: get(p + k).to(dtype) for k in ("dyn.gate_proj.weight", "dyn.up_proj.weight", "dyn.down_proj.weight",
                                                "mix_norm.weight", "alpha", "beta")}
-        dyn_norm = get(p + "dyn.norm.weight").to(dtype) if gate_on_residual else None
+        norm = get(p + "dyn.norm.weight").to(dtype) if dyn_norm else None
         mem = get(p + "memory.weight")[lo:hi].to(dtype)
         t = torch.empty(hi - lo, mem.shape[1], dtype=dtype)
         for a in range(0, hi - lo, rows):
             b = min(a + rows, hi - lo)
             t[a:b] = memory_expert(mem[a:b], emb[a:b], w["dyn.gate_proj.weight"], w["dyn.up_proj.weight"],
                                    w["dyn.down_proj.weight"], w["mix_norm.weight"], w["alpha"], w["beta"],
-                                   eps, dyn_norm)
+                                   eps, norm)
         out.append(t)
     return torch.cat(out, dim=1)
 
@@ -124,6 +130,8 @@ class MekiModel(TextModel):
 
     def set_gguf_parameters(self):
         hp, w = self.hparams, self.gguf_writer
+        if hp.get("gate_on_residual"):
+            raise ValueError(f"config.json: {LEGACY_GATE}")
         w.add_context_length(hp["max_seq_len"])
         w.add_embedding_length(hp["d_model"])
         w.add_block_count(self.block_count)
@@ -135,7 +143,6 @@ class MekiModel(TextModel):
         w.add_layer_norm_rms_eps(hp["norm_eps"])
         w.add_rope_freq_base(hp["rope_theta"])
         w.add_embedding_length_per_layer_input(hp["d_mem"])        # m
-        w.add_memory_gate_on_residual(bool(hp["gate_on_residual"]))
         w.add_file_type(self.ftype)
 
     def get_tensors(self) -> Iterator[tuple[str, Tensor]]:
@@ -165,14 +172,15 @@ class MekiModel(TextModel):
         hp = self.hparams
         V, L, m = hp["vocab_size"], self.block_count, hp["d_mem"]
         folded = bool(hp.get("folded", False))
+        # G_l's input norm is in the table, not in the file: it is there iff the checkpoint has it
+        dyn_norm = "model.layers.0.meki.dyn.norm.weight" in self.model_tensors
 
         def get(name: str) -> Tensor:
             # a fresh lazy tensor each call (to_eager memoizes); sliced before it is read
             return _Eager(self.model_tensors[name])
 
         def chunk(lo: int, hi: int) -> Callable[[], np.ndarray]:
-            return lambda: fold_rows(get, lo, hi, L, hp["norm_eps"], folded, bool(hp["gate_on_residual"]),
-                                     self.fold_dtype).float().numpy()
+            return lambda: fold_rows(get, lo, hi, L, hp["norm_eps"], folded, dyn_norm, self.fold_dtype).float().numpy()
 
         n = self.fold_chunk
         table = gguf.LazyChunkedTensor([chunk(lo, min(lo + n, V)) for lo in range(0, V, n)],

@@ -1,6 +1,6 @@
 #!/usr/bin/env python3
-"""Write the fuzzer's seed corpus, tests/fuzz/corpus/: the smallest valid MeKi GGUFs, one per gate
-variant x QK-norm x tied/untied, with several backbone and table types, converted by our converter
+"""Write the fuzzer's seed corpus, tests/fuzz/corpus/: the smallest valid MeKi GGUFs, one per layer
+spec x QK-norm x tied/untied, with several backbone and table types, converted by our converter
 from official-layout checkpoints (random weights), as users' files are made.
 
 Also writes tests/fuzz/regressions/: one file per crash the fuzzer found (fixed in
@@ -27,12 +27,12 @@ from meki_gguf.model import MekiConfig  # noqa: E402
 from meki_gguf.tokenizer import tiny_tokenizer_dir  # noqa: E402
 
 N_TOK = 272                                   # the byte alphabet, 13 merges, the 3 special tokens
-SEEDS = {  # name: (gate on the residual (Megatron TE), QK-norm, tied, layers, backbone type, table type)
+SEEDS = {  # name: (Transformer Engine spec (G has an input norm), QK-norm, tied, layers, backbone type, table type)
     "te-noqk-tied-1l-f32-f32": (True, False, True, 1, "f32", "f32"),
     "te-qk-untied-2l-f16-q8_0": (True, True, False, 2, "f16", "q8_0"),
-    "paper-qk-untied-1l-f16-f16": (False, True, False, 1, "f16", "f16"),
-    "paper-noqk-tied-2l-f16-q4_0": (False, False, True, 2, "f16", "q4_0"),
-    "paper-qk-tied-2l-q8_0-q8_0": (False, True, True, 2, "q8_0", "q8_0"),
+    "local-qk-untied-1l-f16-f16": (False, True, False, 1, "f16", "f16"),
+    "local-noqk-tied-2l-f16-q4_0": (False, False, True, 2, "f16", "q4_0"),
+    "local-qk-tied-2l-q8_0-q8_0": (False, True, True, 2, "q8_0", "q8_0"),
     "te-qk-tied-1l-bf16-q4_1": (True, True, True, 1, "bf16", "q4_1"),
 }
 
@@ -61,7 +61,7 @@ REGRESSIONS = {
                                  "invalid ggml_type 4096"),
     # general.alignment 1 (the u32 key general.file_type renamed; f16 is 1): the data is not 32-byte
     # aligned in the file, and mapping it was GGML_ASSERT("buffer pointer must be aligned")
-    "alignment-1.gguf": ("paper-qk-untied-1l-f16-f16", _swap(b"general.file_type", b"general.alignment"),
+    "alignment-1.gguf": ("local-qk-untied-1l-f16-f16", _swap(b"general.file_type", b"general.alignment"),
                          "of the file is not aligned to 32 bytes: it cannot be mapped"),
     # meki.block_count 0 (u32, type 4): was GGML_ASSERT(n_layer_all > 0 && ...) in llama-model.cpp
     "block-count-0.gguf": ("te-noqk-tied-1l-f32-f32", _swap(b"meki.block_count\x04\0\0\0\x01\0\0\0",
@@ -77,7 +77,7 @@ def main() -> None:
         tok = tiny_tokenizer_dir(Path(tmp) / "tok", n_tokens=N_TOK)
         for i, (name, (te, qk, tied, n_layer, otype, ttype)) in enumerate(SEEDS.items()):
             c = MekiConfig(vocab_size=N_TOK, n_layer=n_layer, d_model=32, d_mem=32, d_ff=32, n_head=2, n_kv_head=1,
-                           head_dim=16, max_seq_len=64, qk_norm=qk, tied=tied, gate_on_residual=te)
+                           head_dim=16, max_seq_len=64, qk_norm=qk, tied=tied, dyn_norm=te)
             _, paths = build(Path(tmp) / name, tok, c, types=((otype, ttype),), trained=False, seed=i)
             dst = out / f"{name}.gguf"
             dst.write_bytes(paths[otype, ttype].read_bytes())

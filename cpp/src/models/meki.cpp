@@ -4,9 +4,10 @@
 // MeKi (arXiv 2602.03359): a Qwen3-shaped decoder whose layers each mix one row of a
 // token-indexed memory table into the residual stream, in a thin branch beside the FFN:
 //
-//   v = mem_l[token] + sigmoid(W_gate . h)        h = ffn_norm(A), or A (gate_on_residual)
-//   y = rms_norm(W_out . v) * post_norm
-//   A' = A + FFN(ffn_norm(A)) + y
+//   H  = ffn_norm(A)                              A: the residual after attention
+//   v  = mem_l[token] + sigmoid(W_gate . H)
+//   y  = rms_norm(W_out . v) * post_norm
+//   A' = A + FFN(H) + y
 //
 // The tables of all layers are one token-major matrix {n_mem * n_layer, n_vocab}, the layout
 // of Gemma's per-layer embeddings: one token's memory is one contiguous read. It is read
@@ -15,7 +16,14 @@
 void llama_model_meki::load_arch_hparams(llama_model_loader & ml) {
     ml.get_key(LLM_KV_ATTENTION_LAYERNORM_RMS_EPS, hparams.f_norm_rms_eps);
     ml.get_key(LLM_KV_EMBEDDING_LENGTH_PER_LAYER,  hparams.n_embd_per_layer);
-    ml.get_key(LLM_KV_MEMORY_GATE_ON_RESIDUAL,     gate_on_residual);
+
+    // meki-gguf 0.1 wrote this key; true marks a layer that no MeKi model has (a misreading of
+    // Megatron-LM's layout), whose weights would run here silently wrong
+    const int64_t legacy = gguf_find_key(ml.metadata, "meki.memory.gate_on_residual");
+    if (legacy >= 0 && gguf_get_kv_type(ml.metadata, legacy) == GGUF_TYPE_BOOL && gguf_get_val_bool(ml.metadata, legacy)) {
+        throw std::runtime_error("meki.memory.gate_on_residual = true: written by meki-gguf 0.1 from a misread "
+                                 "Megatron-LM layout that no MeKi model has; convert the original checkpoint again");
+    }
 
     switch (hparams.n_layer()) {
         case 28: type = hparams.n_embd == 1024 ? LLM_TYPE_0_6B : LLM_TYPE_1_7B; break;
@@ -114,7 +122,7 @@ ggml_tensor * llama_model_meki::graph::build_inp_mem(const llama_model_meki & mo
     return mem;
 }
 
-// y = rms_norm(W_out . (mem + sigmoid(W_gate . h))) * post_norm
+// y = rms_norm(W_out . (mem + sigmoid(W_gate . h))) * post_norm, h = ffn_norm(A)
 ggml_tensor * llama_model_meki::graph::build_mem_branch(const llama_layer & layer, ggml_tensor * h, ggml_tensor * mem, int il) {
     ggml_tensor * gate = build_lora_mm(layer.per_layer_inp_gate, h);
     gate = ggml_sigmoid(ctx0, gate);
@@ -202,8 +210,8 @@ llama_model_meki::graph::graph(const llama_model_meki & model, const llm_graph_p
                 LLM_FFN_SILU, LLM_FFN_PAR, il);
         cb(cur, "ffn_out", il);
 
-        // the memory branch, parallel to the FFN
-        ggml_tensor * y = build_mem_branch(layer, model.gate_on_residual ? ffn_inp : ffn_normed, mem_l, il);
+        // the memory branch, parallel to the FFN: its gate reads the FFN's input too
+        ggml_tensor * y = build_mem_branch(layer, ffn_normed, mem_l, il);
 
         cur = ggml_add(ctx0, cur, y);
         cur = ggml_add(ctx0, cur, ffn_inp);
