@@ -15,6 +15,8 @@ import fcntl
 import glob
 import os
 import shutil
+import signal
+import threading
 import uuid
 from pathlib import Path
 from typing import Callable, Iterator
@@ -31,29 +33,73 @@ def replace_atomically(out: Path, write: Callable[[Path], None]) -> None:
     """write(tmp) a temp file in out's folder, then os.replace it onto `out`; on any error or
     Ctrl-C the temp file is removed, and a previous `out` is left as it was. A full disk or a
     read-only folder is a MekiError. Temp files of killed runs (SIGKILL, power loss) are removed
-    first: the writer holds a lock on its temp file, which dies with the process."""
+    first: the writer holds a lock on its temp file, which dies with the process.
+
+    The rename is the commit point: a Ctrl-C before it is a KeyboardInterrupt, even one that C code
+    turned into another error or dropped (_CtrlC); one from it on is ignored, `out` is complete."""
     remove_stale(out)
     tmp = temp_name(out)
     fd = None
+    ctrl_c = _CtrlC()
     try:
+        ctrl_c.install()
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
         with contextlib.suppress(OSError):       # a file system without locks: then no run removes it
             fcntl.flock(fd, fcntl.LOCK_EX)
         write(tmp)
+        ctrl_c.commit()
         os.replace(tmp, out)
     except BaseException as e:
+        ctrl_c.quiet = True                      # a second Ctrl-C does not cut the clean-up short
         code = e.errno if isinstance(e, OSError) else None
         if fd is not None:                       # else tmp was never created (and may be another's)
             if isinstance(e, OSError) and code is None:
                 code = _short_write_errno(fd)
             with contextlib.suppress(OSError):
                 tmp.unlink()
+        if ctrl_c.seen:                          # whatever the error became on its way out
+            raise KeyboardInterrupt from None
         if code is not None and (msg := _write_error(code, e, out, tmp)):
             raise MekiError(msg) from None
         raise
     finally:
         if fd is not None:
             os.close(fd)
+        ctrl_c.restore()
+
+
+class _CtrlC:
+    """SIGINT during replace_atomically. Python's handler raises KeyboardInterrupt in whatever Python
+    code runs next, and that can be a callback of C code that does not pass it on: torch's tensor
+    constructor (safetensors' get_tensor -> torch.asarray -> UntypedStorage.__getitem__) makes it a
+    ValueError, numpy's tofile (its isinstance(file, os.PathLike)) a TypeError. This handler raises
+    it too, and notes it: a noted Ctrl-C is what replace_atomically raises, and it stops the rename.
+    Quiet (noted only) from the rename on and during the clean-up. Installed in the main thread over
+    Python's own handler only: where SIGINT is ignored (a background job's) or handled, it stays so."""
+
+    def __init__(self):
+        self.seen = self.quiet = False
+
+    def install(self) -> None:
+        if threading.current_thread() is threading.main_thread() and \
+                signal.getsignal(signal.SIGINT) is signal.default_int_handler:
+            signal.signal(signal.SIGINT, self._handle)
+
+    def _handle(self, signum, frame) -> None:
+        self.seen = True
+        if not self.quiet:
+            raise KeyboardInterrupt
+
+    def commit(self) -> None:
+        """The rename is next: quiet from here on; a Ctrl-C noted before (and lost on its way) is raised."""
+        self.quiet = True
+        if self.seen:
+            raise KeyboardInterrupt
+
+    def restore(self) -> None:
+        self.quiet = True                        # signal.signal runs a pending handler first
+        if signal.getsignal(signal.SIGINT) == self._handle:
+            signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 def remove_stale(out: Path) -> None:

@@ -15,6 +15,23 @@ import click
 from .errors import MekiError
 
 
+def _needs_converter(command: str) -> None:
+    """The converter's packages are an extra (`pip install meki-gguf[convert]`): the runtime (chat,
+    generate, inspect, quantize, the llama.cpp tools, the Python API) runs without them."""
+    import importlib.util
+
+    def absent(module: str) -> bool:
+        try:
+            return importlib.util.find_spec(module) is None
+        except (ImportError, ValueError):               # a broken install counts as missing
+            return True
+
+    missing = [m for m in ("torch", "transformers", "safetensors") if absent(m)]
+    if missing:
+        raise MekiError(f"`meki-gguf {command}` needs the converter's packages: pip install 'meki-gguf[convert]' "
+                        f"({', '.join(missing)} not installed)")
+
+
 def _fail(msg: str, code: int = 1):
     click.echo(f"error: {' '.join(str(msg).split())}", err=True)
     sys.exit(code)
@@ -77,6 +94,7 @@ def convert(src: Path, out: Path, outtype: str, table_type: str, tokenizer: Path
     # the fold is many mid-sized ops: OpenMP threads spinning between them starve each other on a
     # small loaded machine (2.3-3.5x slower, docs/BENCHMARKS.md). Read once, when torch loads.
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    _needs_converter("convert")
     from .checkpoint import load_checkpoint
     from .write import OUT_TYPES, TABLE_TYPES, parse_type, write_gguf
 
@@ -103,6 +121,7 @@ def export_hf(src: Path, out_dir: Path, tokenizer: Path | None, max_shard_size: 
     SRC is read as `convert` reads it (Megatron-LM or HF-style). The tensors keep their dtype and
     the training form. OUT_DIR must not exist or be empty; it appears complete or not at all.
     """
+    _needs_converter("export-hf")
     from .atomic import temp_folder
     from .checkpoint import export_hf as export, load_checkpoint
     from .tokenizer import TOKENIZER_FILES, find_tokenizer
@@ -164,7 +183,7 @@ def inspect(file: Path):
     (weights held in RAM vs the table read row by row from disk)."""
     import gguf
 
-    from .runtime import read_header
+    from .runtime import LEGACY_GATE_KEY, read_header
 
     kv, tensors = read_header(file, meki=True)
 
@@ -187,8 +206,7 @@ def inspect(file: Path):
     block, type_size = gguf.GGML_QUANT_SIZES[table.type]
     ftype = kv.get("general.file_type")
     if kv.get("meki.memory.gate_on_residual") is True:      # llama.cpp refuses it: say so here too
-        from .fold import LEGACY_GATE
-        raise MekiError(f"{file}: meki.memory.{LEGACY_GATE}")
+        raise MekiError(f"{file}: {LEGACY_GATE_KEY}")
     qk = "blk.0.attn_q_norm.weight" in tensors
     rows = [
         ("file", f"{file} ({_size(file.stat().st_size)}), GGUF v{kv.get('GGUF.version')}, "
@@ -306,6 +324,7 @@ def demo(n: int, n_chat: int):
     max|llama.cpp - reference| / max|reference| over its logits. Exits non-zero if the parity
     misses its bar. Deterministic; built once, then reused.
     """
+    _needs_converter("demo")
     from . import demo as d
     from . import parity
     from .checkpoint import load_checkpoint

@@ -18,15 +18,11 @@ import shutil
 import tempfile
 from pathlib import Path
 
-import torch
-
-from .model import MekiConfig
-
 # The released MeKi training script's shape in miniature: the Transformer Engine spec (so G_l has
 # its input norm), tied embeddings, no QK-norm; the tiny tokenizer's 320 tokens padded to 384 rows
-# like Megatron.
-CONFIG = MekiConfig(vocab_size=384, n_layer=4, d_model=128, d_mem=64, d_ff=384, n_head=4, n_kv_head=2,
-                    head_dim=32, qk_norm=False, tied=True, dyn_norm=True, max_seq_len=2048)
+# like Megatron. (A MekiConfig's fields: this module loads without torch, for `chat`.)
+CONFIG = dict(vocab_size=384, n_layer=4, d_model=128, d_mem=64, d_ff=384, n_head=4, n_kv_head=2,
+              head_dim=32, qk_norm=False, tied=True, dyn_norm=True, max_seq_len=2048)
 N_TOKENS = 320
 SEED = 0
 PROMPT = "Once upon a time, a small model kept its memory on disk."
@@ -60,8 +56,10 @@ def checkpoint_dir() -> Path:
 def build(log=print) -> Path:
     """Build the demo checkpoint and its GGUF (f32 everywhere: the parity shown is exact),
     unless already there. The folder appears complete or not at all."""
+    import torch
+
     from .checkpoint import load_checkpoint, save_megatron
-    from .model import init_random
+    from .model import MekiConfig, init_random
     from .tokenizer import tiny_tokenizer_dir
     from .write import write_gguf
 
@@ -73,7 +71,7 @@ def build(log=print) -> Path:
     tmp = Path(tempfile.mkdtemp(prefix=".demo-", dir=out.parent))
     try:
         tok = tiny_tokenizer_dir(tmp / "tokenizer", n_tokens=N_TOKENS)
-        save_megatron(init_random(CONFIG, seed=SEED), tmp / "megatron", dtype=torch.bfloat16)
+        save_megatron(init_random(MekiConfig(**CONFIG), seed=SEED), tmp / "megatron", dtype=torch.bfloat16)
         write_gguf(load_checkpoint(tmp / "megatron"), tmp / NAME, outtype="f32", table_type="f32",
                    tokenizer=tok, progress=False)
         shutil.rmtree(out, ignore_errors=True)

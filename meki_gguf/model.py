@@ -22,7 +22,9 @@ import torch.nn.functional as F
 from transformers import AutoConfig, AutoModelForCausalLM, GenerationMixin, PretrainedConfig, PreTrainedModel
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
-from .fold import LEGACY_GATE, fold_rows, memory_expert
+# fold (llama.cpp's conversion package) is imported where it is used: importing transformers
+# registers this module (meki_gguf/__init__.py), and conversion.base imports transformers before it
+# has defined what conversion.meki needs: a module-level import here would close that cycle
 
 
 @dataclass(init=False, repr=False, eq=False)   # dataclass: fields()/replace() of the MeKi hyperparameters
@@ -58,6 +60,7 @@ class MekiConfig(PretrainedConfig):
                  head_dim=16, rope_theta=500000.0, norm_eps=1e-6, qk_norm=False, tied=True,
                  dyn_norm=False, max_seq_len=4096, folded=False, **kwargs):
         if kwargs.pop("gate_on_residual", False):
+            from .fold import LEGACY_GATE
             raise ValueError(LEGACY_GATE)
         super().__init__(**kwargs)          # sets tie_word_embeddings (= tied) to its default: set ours after
         self.vocab_size, self.n_layer, self.d_model, self.d_mem, self.d_ff = vocab_size, n_layer, d_model, d_mem, d_ff
@@ -164,6 +167,7 @@ class MemoryBranch(nn.Module):
         """The expert vector of token ids (E: the word embedding)."""
         if self.table is not None:
             return self.table[ids]
+        from .fold import memory_expert
         dyn = self.dyn
         return memory_expert(self.memory(ids), E[ids], dyn.gate_proj.weight, dyn.up_proj.weight,
                              dyn.down_proj.weight, self.mix_norm.weight, self.alpha, self.beta,
@@ -265,6 +269,7 @@ class MekiForCausalLM(MekiPreTrainedModel, GenerationMixin):
         model's dtype); the config becomes `folded` (a copy: configs are often shared)."""
         if self.config.folded:
             return
+        from .fold import fold_rows
         c = self.config
         T = fold_rows(self.state_dict().__getitem__, 0, c.vocab_size, c.n_layer, c.norm_eps, folded=False,
                       dyn_norm=c.dyn_norm, dtype=torch.float64)

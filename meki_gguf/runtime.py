@@ -28,6 +28,9 @@ from .errors import MekiError
 
 LLAMA_BIN = native.bin_dir()          # the patched tools: the wheel's, the checkout's or $MEKI_LLAMA_BIN
 TABLE = "meki_mem.weight"
+# llama.cpp's refusal of meki-gguf 0.1's misread gate variant (cpp/src/models/meki.cpp), word for word
+LEGACY_GATE_KEY = ("meki.memory.gate_on_residual = true: written by meki-gguf 0.1 from a misread Megatron-LM "
+                   "layout that no MeKi model has; convert the original checkpoint again")
 
 
 def load(path: str | Path, *, table_resident: bool = False, n_ctx: int = 2048, **llama_kwargs):

@@ -27,6 +27,9 @@ build/<target>/bin; they are for the tools (and for llama-cpp-python through LLA
   --target aarch64   cross-compiled for a phone-class ARM64 CPU (armv8.2-a+dotprod+fp16) with
                      Debian's aarch64-linux-gnu toolchain; run under qemu-aarch64 on x86;
   --vulkan           the Vulkan backend (Mesa's lavapipe runs it without a GPU);
+  --ctest            llama.cpp's own test suite (ctest; LLAMA_BUILD_TESTS) built and run in the patched
+                     x86 tree; a test that fails is built and run again in the stock tree
+                     (build/stock-tests) to tell upstream's failures from ours (scripts/check_llama_tests);
   --sanitize         built with clang, AddressSanitizer + UndefinedBehaviorSanitizer and libFuzzer's
                      coverage instrumentation (build/asan): the library, llama-cli, llama-server,
                      llama-quantize and the load-path fuzzer tests/fuzz/fuzz_load.cpp
@@ -37,6 +40,7 @@ from __future__ import annotations
 import argparse
 import fcntl
 import hashlib
+import json
 import os
 import re
 import shlex
@@ -282,6 +286,57 @@ def build_stock(pristine_llama: Path, jobs: int) -> None:
         shutil.copy2(lib, STOCK / lib.name, follow_symlinks=False)
 
 
+# llama.cpp's tests that need the network, which these machines lack: a model download, and the
+# test that runs that model
+CTEST_OFFLINE = "^(test-download-model|test-thread-safety)$"
+STOCK_TESTS = BUILD / "stock-tests"   # the stock tree and its build, for the failures' second run
+
+
+def ctest_targets(build_dir: Path) -> list[str]:
+    """The executables llama.cpp's ctest suite runs (the tests' build targets), from its configuration."""
+    out = subprocess.check_output(["ctest", "--test-dir", str(build_dir), "--show-only=json-v1",
+                                   "-E", CTEST_OFFLINE], text=True)
+    return sorted({Path(t["command"][0]).name for t in json.loads(out)["tests"] if t.get("command")
+                   and Path(t["command"][0]).name.startswith("test-")})
+
+
+def run_ctest(build_dir: Path, only: list[str] | None = None) -> list[str]:
+    """Run the suite (or the tests named in `only`) in build_dir; the names of those that failed."""
+    cmd = ["ctest", "--test-dir", str(build_dir), "--output-on-failure", "--timeout", "1200", "-E", CTEST_OFFLINE]
+    if only:
+        cmd += ["-R", "^(" + "|".join(re.escape(t) for t in only) + ")$"]
+    log(" ".join(cmd))
+    r = subprocess.run(cmd, text=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    print(r.stdout, flush=True)
+    failed = r.stdout.split("The following tests FAILED:", 1)
+    return re.findall(r"^\s*\d+ - (\S+) \(", failed[1], re.M) if len(failed) == 2 else []
+
+
+def ctest(pristine: Path, files: dict[str, bytes], jobs: int) -> None:
+    """llama.cpp's suite on the patched tree; the failures again on the stock tree. Exits non-zero
+    if a test fails on the patched tree only (ours), or the stock tree could not settle it."""
+    sync_tree(pristine, SRC, files)
+    cmake_build(SRC, CMAKE_DIR, ["llama"], jobs, user_cmake_args())          # configure, the library
+    targets = ctest_targets(CMAKE_DIR)
+    run(["cmake", "--build", str(CMAKE_DIR), "-j", str(jobs), "--target", *targets])
+    failed = run_ctest(CMAKE_DIR)
+    if not failed:
+        log(f"llama.cpp's suite passes on the patched tree ({len(targets)} test programs; "
+            f"not run: {CTEST_OFFLINE} (network))")
+        return
+    log(f"failed on the patched tree: {', '.join(failed)}; running them on the stock tree")
+    sync_tree(pristine, STOCK_TESTS / "src", {})
+    cmake_build(STOCK_TESTS / "src", STOCK_TESTS / "cmake", ["llama"], jobs, user_cmake_args())
+    run(["cmake", "--build", str(STOCK_TESTS / "cmake"), "-j", str(jobs), "--target",
+         *sorted(set(targets) & set(ctest_targets(STOCK_TESTS / "cmake")))])
+    upstream = set(run_ctest(STOCK_TESTS / "cmake", failed))
+    ours = [t for t in failed if t not in upstream]
+    log(f"fail on the stock tree too (upstream's): {', '.join(sorted(upstream)) or 'none'}; "
+        f"on the patched tree only (ours): {', '.join(ours) or 'none'}")
+    if ours:
+        sys.exit(f"error: llama.cpp's tests fail on the patched tree only: {', '.join(ours)}")
+
+
 def stamp_ok(name: str, digest: str) -> bool:
     f = BUILD / f".stamp-{name}"
     return f.exists() and f.read_text() == digest
@@ -363,6 +418,8 @@ def main() -> None:
     ap.add_argument("--vulkan", action="store_true", help="the Vulkan backend, into build/vulkan")
     ap.add_argument("--sanitize", action="store_true",
                     help="clang with ASan + UBSan and the load-path fuzzer, into build/asan")
+    ap.add_argument("--ctest", action="store_true",
+                    help="build and run llama.cpp's own test suite on the patched tree (and the failures on the stock tree)")
     ap.add_argument("--check-patches", action="store_true",
                     help="only check that cpp/ and patches/ apply to the pinned source")
     ap.add_argument("--package", type=Path, metavar="DIR",
@@ -385,6 +442,9 @@ def main() -> None:
     if args.check_patches:
         return
 
+    if args.ctest:
+        ctest(pristine, files, args.jobs)
+        return
     if args.sanitize:
         if args.vulkan or args.target != os.uname().machine:
             sys.exit("error: --sanitize builds for this machine's CPU only")

@@ -16,4 +16,4 @@ fi
 .venv/bin/python scripts/build_llama.py
 # this package, editable; its build (CMakeLists.txt) runs build_llama.py --package, the wheel's path,
 # which finds the build above up to date
-.venv/bin/pip install -q --no-build-isolation -e ".[test]"
+.venv/bin/pip install -q --no-build-isolation -e ".[convert,test]"

@@ -217,3 +217,12 @@ def test_a_config_with_the_old_gate_variant_is_refused_everywhere(tmp_path, tok,
     ck = load_checkpoint(src)
     assert ck.config.dyn_norm and ck.config.folded == folded and set(ck.tensors) == set(model.state_dict())
     assert isinstance(AutoModelForCausalLM.from_pretrained(src), MekiForCausalLM)
+
+
+@pytest.mark.parametrize("module", ["meki_gguf.write", "meki_gguf.checkpoint", "meki_gguf.model", "meki_gguf.fold",
+                                    "conversion.meki", "conversion", "meki_gguf.cli"])
+def test_each_module_imports_first(module):
+    """Importing transformers registers meki_gguf.model, and llama.cpp's conversion.base imports
+    transformers half-way: whichever module a program imports first, no import cycle closes."""
+    r = subprocess.run([sys.executable, "-c", f"import {module}"], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]

@@ -8,9 +8,13 @@ home, nothing of the checkout on any path:
   as it was and keep using its own llama.cpp. With MEKI_INSTALL_SDIST=1 (scripts/check_install
   --sdist) meki-gguf comes from the sdist, built there as pip does on a platform without a wheel;
   CI installs the wheel, which scripts/build_wheel built from that sdist.
-Each runs the demo, converts a checkpoint (byte-identical to the checkout's file), generates
-(the checkout's greedy text), serves a request through `meki-gguf llama-server`, and uninstalls
-leaving nothing behind.
+Both install the `convert` extra. Each runs the demo, converts a checkpoint (byte-identical to
+the checkout's file), generates (the checkout's greedy text), serves a request through
+`meki-gguf llama-server`, and uninstalls leaving nothing behind.
+- `runtime`: the wheel alone, as on a phone's Python: no torch, transformers or safetensors. It
+  chats, generates, serves and runs the Python API; the converter's commands say which extra
+  they need, in one line.
+The install times and the environments' sizes are printed (-s).
 """
 from __future__ import annotations
 
@@ -87,24 +91,35 @@ def checkpoint(tmp_path_factory):
     return root / "megatron", tok, gguf, text
 
 
-def installed(env: Env, spec: Path, timings: dict, name: str):
+CONVERTER = ("torch", "transformers", "safetensors")
+
+
+def installed(env: Env, spec: str, timings: dict, name: str):
     t = time.perf_counter()
     env.pip("install", spec)
-    timings[name] = time.perf_counter() - t
+    size = sum(f.stat().st_size for f in env.root.rglob("*") if f.is_file() and not f.is_symlink())
+    timings[name] = f"{time.perf_counter() - t:.0f} s, environment {size / 2**20:.0f} MiB"
 
 
 @pytest.fixture(scope="module")
 def timings():
-    t: dict[str, float] = {}
+    t: dict[str, str] = {}
     yield t
-    print("\ninstall timings: " + ", ".join(f"{k} {v:.0f} s" for k, v in t.items()))
+    print("\ninstalls: " + "; ".join(f"{k}: {v}" for k, v in t.items()))
 
 
 @pytest.fixture(scope="module")
 def fresh(tmp_path_factory, timings):
     env = Env(tmp_path_factory.mktemp("fresh"))
     env.pip("install", TORCH)      # as a user who wants the CPU torch does first
-    installed(env, dist_file("meki_gguf-*.whl"), timings, "wheel")
+    installed(env, f"{dist_file('meki_gguf-*.whl')}[convert]", timings, "wheel[convert] (after the CPU torch)")
+    return env
+
+
+@pytest.fixture(scope="module")
+def runtime_only(tmp_path_factory, timings):
+    env = Env(tmp_path_factory.mktemp("runtime"))
+    installed(env, str(dist_file("meki_gguf-*.whl")), timings, "wheel, runtime only")
     return env
 
 
@@ -116,15 +131,45 @@ def stock(tmp_path_factory, timings):
     before = {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in lib.iterdir()}
     assert "libllama.so" in before, f"the stock llama-cpp-python has no libllama: {sorted(before)}"
     sdist = os.environ.get("MEKI_INSTALL_SDIST") == "1"
-    installed(env, dist_file("meki_gguf-*.tar.gz" if sdist else "meki_gguf-*.whl"), timings,
-              "sdist" if sdist else "wheel over a stock llama-cpp-python")
+    installed(env, f"{dist_file('meki_gguf-*.tar.gz' if sdist else 'meki_gguf-*.whl')}[convert]", timings,
+              "sdist[convert]" if sdist else "wheel[convert] over a stock llama-cpp-python")
     env.stock_lib = (lib, before)
     return env
 
 
 @pytest.fixture(params=["fresh", "stock"])
 def env(request) -> Env:
+    """An environment with the converter."""
     return request.getfixturevalue(request.param)
+
+
+@pytest.fixture(params=["fresh", "stock", "runtime_only"])
+def any_env(request) -> Env:
+    return request.getfixturevalue(request.param)
+
+
+def test_runtime_only_has_no_converter_and_says_so(runtime_only, checkpoint):
+    r = runtime_only.python(f"import importlib.util as u; print([m for m in {CONVERTER} if u.find_spec(m)])")
+    assert r.stdout.strip() == "[]", r.stdout
+    for args in (("convert", checkpoint[0], "-o", runtime_only.work / "m.gguf"), ("demo",),
+                 ("export-hf", checkpoint[0], runtime_only.work / "hf")):
+        r = runtime_only.run("meki-gguf", *args, check=False)
+        print(f"\n{r.stderr.strip()}")
+        assert r.returncode == 1 and r.stderr.count("\n") == 1, r.stderr
+        assert f"`meki-gguf {args[0]}` needs the converter's packages: pip install 'meki-gguf[convert]' " \
+               "(torch, transformers, safetensors not installed)" in r.stderr
+    assert not (runtime_only.work / "m.gguf").exists() and not (runtime_only.work / "hf").exists()
+
+
+def test_runtime_only_chats_and_generates(runtime_only, checkpoint):
+    """The embedded trained model answers a chat turn; the checkout's file generates its text."""
+    r = runtime_only.run("meki-gguf", "chat", "-n", 16, "--temp", 0, input="How do I read a file line by line?\n",
+                         timeout=300)
+    assert len(r.stdout.strip()) > 10, r.stdout + r.stderr
+    r = runtime_only.run("meki-gguf", "generate", checkpoint[2], "-p", PROMPT, "-n", 12, "--temp", 0)
+    assert checkpoint[3] in r.stdout, (checkpoint[3], r.stdout)
+    r = runtime_only.run("meki-gguf", "inspect", checkpoint[2])
+    assert "table" in r.stdout
 
 
 def test_demo(env):
@@ -143,8 +188,9 @@ def test_convert_and_generate(env, checkpoint):
     assert text in r.stdout, (text, r.stdout)
 
 
-def test_python_api_and_tools(env, checkpoint):
+def test_python_api_and_tools(any_env, checkpoint):
     """runtime.load and llama_tool use the wheel's build; MEKI_LLAMA_BIN still overrides."""
+    env = any_env
     gguf = checkpoint[2]
     r = env.python(
         "from meki_gguf import runtime, native; import llama_cpp\n"
@@ -161,8 +207,8 @@ def test_python_api_and_tools(env, checkpoint):
     assert "llama-server not found in /nowhere" in r.stderr
 
 
-def test_llama_server(env, checkpoint):
-    gguf = checkpoint[2]
+def test_llama_server(any_env, checkpoint):
+    env, gguf = any_env, checkpoint[2]
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
@@ -203,8 +249,9 @@ def test_stock_binding_untouched(stock, checkpoint):
     assert r.returncode != 0 and "llama_cpp was imported before meki_gguf" in r.stderr, r.stderr
 
 
-def test_uninstall_leaves_nothing(env):
+def test_uninstall_leaves_nothing(any_env):
     """Run last in each environment (pytest runs the tests in file order)."""
+    env = any_env
     site = env.site_packages()
     record = (next(site.glob("meki_gguf-*.dist-info")) / "RECORD").read_text()
     written = {str(p.relative_to(site)) for p in (site / "meki_gguf").rglob("*")

@@ -685,7 +685,7 @@ def test_a_file_with_the_old_gate_variant_is_refused(base, tmp_path):
            "written by meki-gguf 0.1" in str(e.value)
     assert "\n" not in str(e.value) and "install" not in str(e.value)
     r = CliRunner().invoke(main, ["inspect", str(old)])
-    assert r.exit_code == 1 and "meki.memory.gate_on_residual=true: written by meki-gguf 0.1" in r.stderr
+    assert r.exit_code == 1 and runtime.LEGACY_GATE_KEY in " ".join(r.stderr.split())
     ok = with_key(base[1], tmp_path / "ok.gguf", "meki.memory.gate_on_residual", False)
     prompt = [5, 6, 7]
     assert runtime.load(ok, n_ctx=64).eval(prompt) is None
@@ -737,6 +737,35 @@ def test_stock_llama_cpp_load_says_which_library(cut):
     print(f"\n{line}")
     assert "unknown model architecture: 'meki'" in line
     assert f"llama-cpp-python uses the llama.cpp in {STOCK} (LLAMA_CPP_LIB_PATH={STOCK})" in line
+
+
+# the converter's packages made unimportable, as in an install without the `convert` extra
+_NO_CONVERTER = """
+import importlib.abc, sys
+class _Absent(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] in ("torch", "transformers", "safetensors"):
+            raise ModuleNotFoundError(f"No module named {name!r}")
+        return None
+sys.meta_path.insert(0, _Absent())
+from meki_gguf.cli import main
+main(sys.argv[1:])
+"""
+
+
+def test_runtime_commands_run_without_the_converter(base, tmp_path):
+    """generate, inspect and chat import neither torch nor transformers; convert says which extra
+    it needs, in one line (tests/test_install.py does it in a real environment without them)."""
+    def run(*args, **kw):
+        return subprocess.run([sys.executable, "-c", _NO_CONVERTER, *map(str, args)], capture_output=True,
+                              text=True, timeout=300, **kw)
+    r = run("generate", base[1], "-p", "Hello", "-n", 4, "--temp", 0)
+    assert r.returncode == 0 and r.stdout.strip(), r.stderr
+    assert run("inspect", base[1]).returncode == 0
+    r = run("chat", "-n", 4, "--temp", 0, input="Hi\n")
+    assert r.returncode == 0, r.stderr
+    r = run("convert", tmp_path, "-o", tmp_path / "m.gguf")
+    assert r.returncode == 1 and r.stderr.count("\n") == 1 and "pip install 'meki-gguf[convert]'" in r.stderr, r.stderr
 
 
 def test_cli_demo_then_chat_with_the_demo_model(tmp_path):

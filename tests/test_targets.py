@@ -236,7 +236,11 @@ def test_vulkan_table_stays_on_the_host(big, ngl):
     print(f"model buffers (MiB): {buffers}; table {table:.2f} MiB, backbone {sum(mib.values()):.2f} MiB")
     assert ("CPU_Mapped", round(table, 2)) in buffers, "the table is not in a mapped host buffer"
     device = sum(size for dev, size in buffers if dev == "Vulkan0")
-    assert 0 < device < table and abs(sum(size for _, size in buffers) - table - sum(mib.values())) < 0.05
+    # the CPU's extra buffer types hold repacked second copies of weights the CPU multiplies (on an
+    # AMX CPU: the tied output matrix, the token embedding's duplicate): backbone, never the table
+    extra = sum(size for dev, size in buffers if dev in ("AMX", "CPU_REPACK"))
+    once = sum(size for dev, size in buffers if dev not in ("AMX", "CPU_REPACK"))
+    assert 0 < device < table and abs(once - table - sum(mib.values())) < 0.05 and extra <= sum(mib.values()) + 0.05
     assert "meki_mem.weight (size = 148 MiB) lazy read enabled" in log
     assert "enabling prefetch for 'meki_mem.weight'" in log
 
