@@ -58,9 +58,9 @@ CMAKE_DIR = BUILD / "cmake"    # build of the patched tree
 STOCK = BUILD / "stock"        # stock libllama + ggml, for the "stock llama.cpp refuses" test
 PY_PKG = BUILD / "py-binding"  # llama-cpp-python's Python package as released (without vendor/)
 
-# the tools the wheel carries; the checkout also builds test-backend-ops for its tests
+# the tools the wheel carries; the checkout also builds test-backend-ops and ggml-rpc-server (rpc-server) for its tests
 PACKAGE_TOOLS = ["llama-cli", "llama-server", "llama-bench", "llama-quantize", "llama-perplexity", "llama-logits"]
-TOOLS = [*PACKAGE_TOOLS, "test-backend-ops"]
+TOOLS = [*PACKAGE_TOOLS, "test-backend-ops", "ggml-rpc-server"]
 # the libraries llama-cpp-python's loader opens by their unversioned name (lib<name>.so)
 BINDING_LIBS = ["llama", "ggml", "mtmd"]
 # the other targets: the command-line tools without the server (and the multimodal library the
@@ -163,6 +163,13 @@ def step(n: int, what: str):
 def user_cmake_args() -> list[str]:
     """$CMAKE_ARGS, llama-cpp-python's way of choosing the backend (-DGGML_VULKAN=ON, ...)."""
     return shlex.split(os.environ.get("CMAKE_ARGS", ""))
+
+
+def main_flags() -> list[str]:
+    """The checkout's and the wheel's build (and the stock one beside it): with llama.cpp's RPC
+    backend (rpc-server, the tools' --rpc: a model's layers on other machines, docs/DEVICES.md),
+    then $CMAKE_ARGS."""
+    return ["-DGGML_RPC=ON", *user_cmake_args()]
 
 
 def run(cmd: list[str], **kw) -> None:
@@ -279,7 +286,7 @@ def build_stock(pristine_llama: Path, jobs: int) -> None:
         return
     log("building the stock libllama (once)")
     sync_tree(pristine_llama, SRC, {})
-    cmake_build(SRC, CMAKE_DIR, ["llama"], jobs)
+    cmake_build(SRC, CMAKE_DIR, ["llama"], jobs, main_flags())
     STOCK.mkdir(parents=True, exist_ok=True)
     for lib in (CMAKE_DIR / "bin").glob("lib*.so*"):
         shutil.copy2(lib, STOCK / lib.name, follow_symlinks=False)
@@ -315,7 +322,7 @@ def ctest(pristine: Path, files: dict[str, bytes], jobs: int) -> None:
     """llama.cpp's suite on the patched tree; the failures again on the stock tree. Exits non-zero
     if a test fails on the patched tree only (ours), or the stock tree could not settle it."""
     sync_tree(pristine, SRC, files)
-    cmake_build(SRC, CMAKE_DIR, ["llama"], jobs, user_cmake_args())          # configure, the library
+    cmake_build(SRC, CMAKE_DIR, ["llama"], jobs, main_flags())               # configure, the library
     targets = ctest_targets(CMAKE_DIR)
     run(["cmake", "--build", str(CMAKE_DIR), "-j", str(jobs), "--target", *targets])
     failed = run_ctest(CMAKE_DIR)
@@ -325,7 +332,7 @@ def ctest(pristine: Path, files: dict[str, bytes], jobs: int) -> None:
         return
     log(f"failed on the patched tree: {', '.join(failed)}; running them on the stock tree")
     sync_tree(pristine, STOCK_TESTS / "src", {})
-    cmake_build(STOCK_TESTS / "src", STOCK_TESTS / "cmake", ["llama"], jobs, user_cmake_args())
+    cmake_build(STOCK_TESTS / "src", STOCK_TESTS / "cmake", ["llama"], jobs, main_flags())
     run(["cmake", "--build", str(STOCK_TESTS / "cmake"), "-j", str(jobs), "--target",
          *sorted(set(targets) & set(ctest_targets(STOCK_TESTS / "cmake")))])
     upstream = set(run_ctest(STOCK_TESTS / "cmake", failed))
@@ -468,8 +475,7 @@ def main() -> None:
         if not args.package:
             build_stock(pristine, args.jobs)
         sync_tree(pristine, SRC, files)
-        cmake_build(SRC, CMAKE_DIR, ["llama", *(PACKAGE_TOOLS if args.package else TOOLS)], args.jobs,
-                    user_cmake_args())
+        cmake_build(SRC, CMAKE_DIR, ["llama", *(PACKAGE_TOOLS if args.package else TOOLS)], args.jobs, main_flags())
     if args.package:
         with step(4, f"copy the build into the wheel ({args.package})"):
             package(args.package)

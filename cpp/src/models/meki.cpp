@@ -119,6 +119,11 @@ ggml_tensor * llama_model_meki::graph::build_inp_mem(const llama_model_meki & mo
     mem = ggml_reshape_3d(ctx0, mem, n_mem, n_layer, n_tokens);
     mem = ggml_cont(ctx0, ggml_permute(ctx0, mem, 0, 2, 1, 3));
     cb(mem, "meki_mem_layers", -1);
+
+    // gathered first, beside the input embedding: otherwise the graph reaches the host's gather from
+    // layer 0's branch, between that layer's ops, and the scheduler splits the first device's
+    // layers in two around it (a backend that caches its last graph, RPC's, re-sends both each step)
+    ggml_build_forward_expand(gf, mem);
     return mem;
 }
 

@@ -2,14 +2,17 @@
 // across builds (a cross-compiled build under an emulator, a GPU backend) without Python.
 //
 //   llama-logits -m MODEL -p 1,2,3 -n 32 -o logits.f32 [-f 4,5,...] [-b 64] [-ub 16] [-c 256] [-ngl 0] [-t N]
+//                [--rpc HOST:PORT,...]
 //
 // The prompt (token ids) goes through one llama_decode call, split into ubatches of -ub; then
 // -n greedy tokens are chosen, each but the last fed back as a 1-token decode step (with -f, the
 // n - 1 given tokens are fed instead, so that two builds evaluate the same sequence). logits.f32
 // holds the float32 logits of every evaluated position, row-major [n_prompt + n - 1, n_vocab];
 // stdout gets one line "greedy: t1 t2 ...". The KV cache is f32 and flash attention is off, so
-// the only rounding is the backend's own arithmetic.
+// the only rounding is the backend's own arithmetic. --rpc adds the rpc-server processes at those
+// endpoints as devices (llama.cpp's RPC backend, as the other tools' --rpc does), for -ngl.
 
+#include "ggml-backend.h"
 #include "llama.h"
 
 #include <cstdio>
@@ -19,7 +22,8 @@
 #include <vector>
 
 static void usage(const char * argv0) {
-    fprintf(stderr, "usage: %s -m MODEL -p ID,ID,... -o OUT.f32 [-n 32] [-f ID,ID,...] [-b 64] [-ub 16] [-c 256] [-ngl 0] [-t 1]\n", argv0);
+    fprintf(stderr, "usage: %s -m MODEL -p ID,ID,... -o OUT.f32 [-n 32] [-f ID,ID,...] [-b 64] [-ub 16] [-c 256] [-ngl 0] [-t 1]"
+                    " [--rpc HOST:PORT,...]\n", argv0);
     exit(2);
 }
 
@@ -36,8 +40,31 @@ static std::vector<llama_token> parse_ids(const char * s, const char * argv0) {
     return ids;
 }
 
+// the RPC servers as devices, through the RPC backend's registry (it is built with GGML_RPC)
+static bool add_rpc_servers(const std::string & servers) {
+    ggml_backend_reg_t rpc = ggml_backend_reg_by_name("RPC");
+    auto add = rpc ? (ggml_backend_reg_t (*)(const char *)) ggml_backend_reg_get_proc_address(rpc, "ggml_backend_rpc_add_server")
+                   : nullptr;
+    if (add == nullptr) {
+        fprintf(stderr, "error: --rpc: this build has no RPC backend (-DGGML_RPC=ON)\n");
+        return false;
+    }
+    for (size_t start = 0; start < servers.size();) {
+        size_t end = servers.find(',', start);
+        end = end == std::string::npos ? servers.size() : end;
+        ggml_backend_reg_t reg = add(servers.substr(start, end - start).c_str());
+        if (reg == nullptr) {
+            fprintf(stderr, "error: --rpc: cannot add %s\n", servers.substr(start, end - start).c_str());
+            return false;
+        }
+        ggml_backend_register(reg);
+        start = end + 1;
+    }
+    return true;
+}
+
 int main(int argc, char ** argv) {
-    std::string model_path, out_path;
+    std::string model_path, out_path, rpc_servers;
     std::vector<llama_token> prompt, forced;
     int n_gen = 32, n_batch = 64, n_ubatch = 16, n_ctx = 256, n_gpu_layers = 0, n_threads = 1;
 
@@ -57,6 +84,7 @@ int main(int argc, char ** argv) {
         else if (arg == "-t")   { n_threads = atoi(val); }
         else if (arg == "-p")   { prompt = parse_ids(val, argv[0]); }
         else if (arg == "-f")   { forced = parse_ids(val, argv[0]); }
+        else if (arg == "--rpc") { rpc_servers = val; }
         else                    { usage(argv[0]); }
     }
     if (model_path.empty() || out_path.empty() || prompt.empty() || n_gen < 1 ||
@@ -66,6 +94,9 @@ int main(int argc, char ** argv) {
     }
 
     llama_backend_init();
+    if (!rpc_servers.empty() && !add_rpc_servers(rpc_servers)) {
+        return 1;
+    }
 
     llama_model_params mparams = llama_model_default_params();
     mparams.n_gpu_layers = n_gpu_layers;
