@@ -126,20 +126,21 @@ def files(tmp_path_factory, tok):
     return paths
 
 
-def test_rpc_f32_matches_the_cpu_build(files, prompt, servers):
-    path = files["f32", "f32"]
+def rpc_vs_cpu(path: Path, prompt: list[int], servers) -> parity.Parity:
+    """The same sequence through the local CPU build and through the two servers."""
     cpu = parity.tool_greedy(BIN / "llama-logits", path, prompt, N_GEN)
     rpc = parity.tool_greedy(BIN / "llama-logits", path, prompt, N_GEN, forced=cpu[0][:-1], args=rpc_args(servers))
-    p = parity.against(prompt, rpc[0], rpc[1], cpu[1], cpu[0])
+    return parity.against(prompt, rpc[0], rpc[1], cpu[1], cpu[0])
+
+
+def test_rpc_f32_matches_the_cpu_build(files, prompt, servers):
+    p = rpc_vs_cpu(files["f32", "f32"], prompt, servers)
     print(f"\nRPC (2 servers) vs CPU, f32 file: {p.summary()}")
     assert p.top1 == 1.0 and p.max_rel_err <= 1e-5 and p.greedy == p.greedy_ref
 
 
 def test_rpc_quantized_matches_the_cpu_build(files, prompt, servers):
-    path = files["f16", "q8_0"]
-    cpu = parity.tool_greedy(BIN / "llama-logits", path, prompt, N_GEN)
-    rpc = parity.tool_greedy(BIN / "llama-logits", path, prompt, N_GEN, forced=cpu[0][:-1], args=rpc_args(servers))
-    p = parity.against(prompt, rpc[0], rpc[1], cpu[1], cpu[0])
+    p = rpc_vs_cpu(files["f16", "q8_0"], prompt, servers)
     print(f"\nRPC (2 servers) vs CPU, f16 backbone + q8_0 table: {p.summary()}")
     assert p.top1_holds(parity.MIN_TOP1) and p.mean_kl <= parity.MAX_MEAN_KL
 
