@@ -59,10 +59,11 @@ def model_path(name: str, backbone: str) -> Path:
     return OUT / f"{name}-{backbone}.gguf"
 
 
-def make_models(regenerate: bool, backbones: tuple[str, ...] = BACKBONES) -> None:
+def make_models(regenerate: bool, backbones: tuple[str, ...] = BACKBONES,
+                names: tuple[str, ...] = ("meki-0.6b", "dense-0.6b", "meki-1.7b", "dense-1.7b", "dense-4b")) -> None:
     kv = None
     for bt in backbones:
-        for name in ("meki-0.6b", "dense-0.6b", "meki-1.7b", "dense-1.7b", "dense-4b"):
+        for name in names:
             p = model_path(name, bt)
             if p.exists() and not regenerate:
                 continue

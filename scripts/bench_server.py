@@ -34,9 +34,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "scripts"))
 
-from bench import OUT, VOCAB, log, machine, model_path, warm  # noqa: E402
+from bench import OUT, log, machine, make_models, model_path, warm  # noqa: E402
 from meki_gguf.runtime import llama_tool  # noqa: E402
-from meki_gguf.synth import SHAPES, write_model  # noqa: E402
 
 RESULTS = OUT / "server.json"
 DOC = ROOT / "docs" / "BENCHMARKS.md"
@@ -48,20 +47,6 @@ N_PREDICT, N_PROMPT, CTX_PER_SLOT = 32, 48, 256
 TARGET = 0.95                      # MeKi/dense aggregate throughput at every slot count
 WORDS = ("the memory table of every layer lives on storage and one row per token is read while "
          "the backbone runs in RAM on a small device").split()
-
-
-def make_pair(backbone: str) -> None:
-    from meki_gguf.tokenizer import tokenizer_kv
-    kv = None
-    for name in PAIR:
-        p = model_path(name, backbone)
-        if p.exists():
-            continue
-        kv = kv or tokenizer_kv(VOCAB, 151680)
-        shape = SHAPES.get(name) or SHAPES[name.replace("dense", "meki")].dense()
-        t = time.time()
-        write_model(shape, p, backbone, "q8_0", tokenizer_kv=kv)
-        log(f"wrote {p.name} ({p.stat().st_size / 2**30:.2f} GiB) in {time.time() - t:.0f} s")
 
 
 def prompts(n: int) -> list[str]:
@@ -219,8 +204,7 @@ def main() -> None:
         res = json.loads(RESULTS.read_text())
     else:
         backbones = args.backbones.split(",")
-        for bt in backbones:
-            make_pair(bt)
+        make_models(False, tuple(backbones), PAIR)
         rows = measure(backbones, [int(s) for s in args.slots.split(",")], args.rounds, args.threads)
         res = {"date": time.strftime("%Y-%m-%d"), "machine": machine(), "threads": args.threads,
                "rounds": args.rounds, "rows": rows, "summary": summary(rows)}
