@@ -77,8 +77,8 @@ def main():
 @click.option("--outtype", default="f16", show_default=True, metavar="TYPE",
               help="Type of the 2-D backbone tensors: f32, f16, bf16 or q8_0 (norms are always f32).")
 @click.option("--table-type", default="f16", show_default=True, metavar="TYPE",
-              help="Type of the memory table: f32, f16, bf16, q8_0, q4_0, q4_1, q5_0 or q5_1 "
-                   "(other llama.cpp types: `meki-gguf quantize`).")
+              help="Type of the memory table: f32, f16, bf16, or any type of `meki-gguf quantize` "
+                   "(quantized with that type's best method, as `quantize` does).")
 @click.option("--tokenizer", type=click.Path(exists=True, path_type=Path), metavar="PATH",
               help="A GGUF to copy the tokenizer from, or a Hugging Face tokenizer folder (Qwen3's). "
                    "Default: the checkpoint folder's own tokenizer.json, if any.")
@@ -154,16 +154,22 @@ def export_hf(src: Path, out_dir: Path, tokenizer: Path | None, max_shard_size: 
 @click.argument("out", type=click.Path(dir_okay=False, path_type=Path))
 @click.option("--table-type", required=True, metavar="TYPE",
               help="Type of the memory table: f32, f16, bf16, q8_0, q6_k, q5_k, q5_1, q5_0, q4_k, q4_1, "
-                   "q4_0, iq4_xs, iq4_nl, mxfp4, nvfp4, q3_k, iq3_s, q2_k, q2_0, tq2_0, tq1_0 or q1_0; "
-                   "its block must divide the memory width m.")
+                   "q4_0, iq4_xs, iq4_nl, mxfp4, nvfp4, q3_k, iq3_s, iq3_xxs, q2_k, iq2_s, iq2_xs, q2_0, "
+                   "iq2_xxs, tq2_0, iq1_m, tq1_0, iq1_s or q1_0; its block must divide the memory width m. "
+                   "docs/BENCHMARKS.md recommends one per storage budget.")
+@click.option("--table-method", type=click.Choice(["auto", "plain", "weighted", "scaled"]), default="auto",
+              show_default=True,
+              help="How the table is rounded: auto (the type's best measured method), plain (llama.cpp's "
+                   "rounding), weighted (its rounding search), scaled (columns stored divided by their "
+                   "RMS, the scales in the file; weighted search).")
 @click.option("--type", "backbone_type", metavar="TYPE",
               help="llama-quantize type of the backbone (Q8_0, Q4_K_M, ...). Default: keep it as it is.")
 @click.option("--allow-requantize", is_flag=True,
               help="Allow re-quantizing tensors that are already quantized (lower quality than "
                    "quantizing from f32/f16).")
 @click.option("-t", "--threads", type=int, help="Threads for llama-quantize (default: all cores).")
-def quantize(src: Path, out: Path, table_type: str, backbone_type: str | None, allow_requantize: bool,
-             threads: int | None):
+def quantize(src: Path, out: Path, table_type: str, table_method: str, backbone_type: str | None,
+             allow_requantize: bool, threads: int | None):
     """Write the MeKi GGUF SRC to OUT with the table in --table-type and the backbone in --type.
 
     The table's type is independent of the backbone's. The work is the patched llama-quantize's,
@@ -172,7 +178,8 @@ def quantize(src: Path, out: Path, table_type: str, backbone_type: str | None, a
     """
     from .quantize import quantize as run
 
-    run(src, out, table_type, backbone_type, allow_requantize=allow_requantize, threads=threads)
+    run(src, out, table_type, backbone_type, allow_requantize=allow_requantize, threads=threads,
+        method=None if table_method == "auto" else table_method)
     click.echo(f"wrote {out} ({_size(out.stat().st_size)})")
 
 
@@ -222,7 +229,9 @@ def inspect(file: Path):
                   f"{f' (file type {ftype})' if ftype is not None else ''}; table {table.type.name.lower()}"),
         ("in RAM", f"{_size(ram)} in {len(tensors) - 1} tensors"),
         ("table", f"meki_mem.weight {{{L}*{m}, {V}}} {table.type.name.lower()}: "
-                  f"{_size(table.nbytes)}, read by row"),
+                  f"{_size(table.nbytes)}, read by row"
+                  f"{'; columns stored divided by blk.N.meki_mem_scale (scaled)' if 'blk.0.meki_mem_scale.weight' in tensors else ''}"
+                  f"{'; weighted rounding' if 'quantize.imatrix.file' in kv else ''}"),
         ("per token", f"{L * m} table values = {L * m // block * type_size} bytes read"),
     ]
     for k, v in rows:

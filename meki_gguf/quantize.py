@@ -12,9 +12,11 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import gguf
+import numpy as np
 from gguf import GGMLQuantizationType as Q
 
 from .atomic import replace_atomically
@@ -22,13 +24,28 @@ from .errors import MekiError
 from .runtime import llama_tool, read_header
 
 TABLE = "meki_mem.weight"
+SCALE = "blk.{}.meki_mem_scale.weight"      # per layer, [m] f32: the graph multiplies the gathered rows by it
+IMPORTANCE = "meki-table-importance.gguf"   # the importance file's name, as llama-quantize records it
 FLOAT_TYPES = ("f32", "f16", "bf16")
-# every type that the CPU gather (ggml get_rows) reads and that llama-quantize writes without an
-# importance matrix, from the most bits per value to the fewest
+# every type that the CPU gather (ggml get_rows) reads and llama-quantize writes, from the most bits
+# per value to the fewest
 TABLE_TYPES = ("f32", "f16", "bf16", "q8_0", "q6_k", "q5_k", "q5_1", "q5_0", "q4_k", "q4_1", "q4_0",
-               "iq4_xs", "iq4_nl", "mxfp4", "nvfp4", "q3_k", "iq3_s", "q2_k", "q2_0", "tq2_0", "tq1_0", "q1_0")
-# a lookup table has no importance matrix (it is no matmul weight): these types need one
-NEEDS_IMATRIX = ("iq3_xxs", "iq2_s", "iq2_xs", "iq2_xxs", "iq1_m", "iq1_s")
+               "iq4_xs", "iq4_nl", "mxfp4", "nvfp4", "q3_k", "iq3_s", "iq3_xxs", "q2_k", "iq2_s", "iq2_xs",
+               "q2_0", "iq2_xxs", "tq2_0", "iq1_m", "tq1_0", "iq1_s", "q1_0")
+# the types whose quantizer has a weighted rounding search (llama.cpp's imatrix path); the iq1/iq2/
+# iq3_xxs ones exist only weighted. q8_0, mxfp4, nvfp4, tq1_0, tq2_0, q2_0 and q1_0 ignore weights.
+WEIGHTED = ("q6_k", "q5_k", "q5_1", "q5_0", "q4_k", "q4_1", "q4_0", "iq4_xs", "iq4_nl", "q3_k", "iq3_s",
+            "iq3_xxs", "q2_k", "iq2_s", "iq2_xs", "iq2_xxs", "iq1_m", "iq1_s")
+NEEDS_WEIGHTS = ("iq3_xxs", "iq2_s", "iq2_xs", "iq2_xxs", "iq1_m", "iq1_s")
+# How a table is quantized: "plain" (llama.cpp's rounding, as for any tensor), "weighted" (its
+# rounding search, every column weighted alike), "scaled" (columns divided by their RMS, the scales
+# stored beside the table, and the search weighted by the scales squared where the type has one).
+# The default of each type is the best one measured (docs/BENCHMARKS.md, "Table quality per type").
+METHODS = ("plain", "weighted", "scaled")
+# (scaled was lower than plain for every type on the random model, and within the noise of weighted
+# on the demo, whose w_mix is still near 1; nvfp4 was worse scaled on both; q8_0 is within 1e-6 of
+# f32 either way, and plain it stays what llama.cpp's converter writes)
+DEFAULT_METHOD = {t: "scaled" for t in TABLE_TYPES if t not in FLOAT_TYPES} | {"q8_0": "plain", "nvfp4": "plain"}
 # llama-quantize's file types (the backbone's mix), as its usage lists them
 BACKBONE_TYPES = ("Q1_0", "Q2_0", "Q4_0", "Q4_1", "MXFP4_MOE", "Q5_0", "Q5_1", "IQ2_XXS", "IQ2_XS", "IQ2_S",
                   "IQ2_M", "IQ1_S", "IQ1_M", "TQ1_0", "TQ2_0", "Q2_K", "Q2_K_S", "IQ3_XXS", "IQ3_S", "IQ3_M",
@@ -43,9 +60,6 @@ def block_size(type_name: str) -> int:
 def check_table_type(name: str, m: int) -> str:
     """The lower-case table type, if the table of a model with memory width m can have it."""
     t = name.lower()
-    if t in NEEDS_IMATRIX:
-        raise MekiError(f"--table-type {t} needs an importance matrix, which a lookup table has none of "
-                        f"(choose from {', '.join(TABLE_TYPES)})")
     if t not in TABLE_TYPES:
         raise MekiError(f"--table-type {name}: not a type the table can have "
                         f"(choose from {', '.join(TABLE_TYPES)})")
@@ -71,13 +85,27 @@ def read_table_info(path: Path) -> tuple[str, int]:
     return tensors[TABLE].type.name.lower(), int(m)
 
 
+def method_of(table_type: str, method: str | None = None) -> str:
+    """How a table of this type is quantized: `method`, or (None) the type's measured default."""
+    if table_type in FLOAT_TYPES:
+        return "plain"
+    method = method or DEFAULT_METHOD[table_type]
+    if method not in METHODS:
+        raise MekiError(f"table method {method!r}: choose from {', '.join(METHODS)}")
+    if method == "plain" and table_type in NEEDS_WEIGHTS:
+        raise MekiError(f"--table-type {table_type} exists only with a weighted rounding (method weighted or scaled)")
+    return method
+
+
 def quantize(src: str | Path, out: str | Path, table_type: str, backbone_type: str | None = None,
-             allow_requantize: bool = False, threads: int | None = None) -> Path:
+             allow_requantize: bool = False, threads: int | None = None, method: str | None = None) -> Path:
     """Write `src` to `out` with the table in `table_type` and the backbone in llama-quantize's
-    `backbone_type` (None: as it is). The file appears complete or not at all."""
+    `backbone_type` (None: as it is). method: one of METHODS (None: the type's measured default).
+    The file appears complete or not at all."""
     src, out = Path(src), Path(out)
     cur, m = read_table_info(src)
     table_type = check_table_type(table_type, m)
+    method = method_of(table_type, method)
     ftype = check_backbone_type(backbone_type) if backbone_type else "COPY"
     if cur != table_type and cur not in FLOAT_TYPES:
         if not allow_requantize:
@@ -93,18 +121,38 @@ def quantize(src: str | Path, out: str | Path, table_type: str, backbone_type: s
     if out.exists() and out.samefile(src):
         raise MekiError(f"output {out} is the input")
 
-    cmd = [str(llama_tool("llama-quantize")), "--tensor-type", f"meki_mem={table_type}"]
-    if allow_requantize:
-        cmd.append("--allow-requantize")
-
-    def write(tmp: Path) -> None:          # llama-quantize truncates and writes the locked temp file
-        p = subprocess.run([*cmd, str(src), str(tmp), ftype, str(threads or os.cpu_count() or 1)],
+    def run(args: list[str], cwd: str | None = None) -> None:
+        p = subprocess.run([str(llama_tool("llama-quantize")), *(["--allow-requantize"] if allow_requantize else []),
+                            *args, str(threads or os.cpu_count() or 1)], cwd=cwd,
                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, errors="replace")
         if p.returncode != 0:
             reason = _reason(p.stdout)
             if reason.startswith("requantizing from type"):
                 reason += " (the backbone is already quantized: start from an f32/f16/bf16 file, or pass --allow-requantize)"
             raise MekiError(f"llama-quantize failed: {reason}")
+
+    def write(tmp: Path) -> None:          # llama-quantize truncates and writes the locked temp file
+        table = ["--tensor-type", f"{TABLE.removesuffix('.weight')}={table_type}"]
+        with tempfile.TemporaryDirectory(prefix=".meki-quantize-", dir=out.parent) as work:
+            reader = gguf.GGUFReader(src)
+            step, scales = src, file_scales(reader)
+            if method == "scaled" and scales is None and cur in FLOAT_TYPES:
+                step = Path(work) / "scaled.gguf"
+                scales = write_scaled(src, step)
+            weights = []
+            if method != "plain" and table_type in WEIGHTED:
+                # named relative to `work` (the tool's cwd): llama-quantize records the name in the file
+                write_importance(Path(work) / IMPORTANCE, np.ones(int(_table(reader)[0].shape[0])) if scales is None else scales)
+                weights = ["--imatrix", IMPORTANCE]
+            if weights and ftype != "COPY":
+                # an importance file changes llama-quantize's choice of types for the backbone, and
+                # it has none for the backbone's tensors: the backbone is quantized first, on its own
+                run([str(step), str(Path(work) / "backbone.gguf"), ftype])
+                step = Path(work) / "backbone.gguf"
+                ftype_table = "COPY"
+            else:
+                ftype_table = ftype
+            run([*weights, *table, str(Path(step).resolve()), str(Path(tmp).resolve()), ftype_table], cwd=work)
         got, _ = read_table_info(tmp)
         if got != table_type:                               # the tool's rules must leave no doubt
             raise MekiError(f"llama-quantize wrote the table as {got}, not {table_type}")
@@ -122,3 +170,101 @@ def _reason(log: str) -> str:
             if key in ln:
                 return ln.split("failed to quantize: ", 1)[-1]
     return lines[-1] if lines else "no output"
+
+
+# ---- the table's rounding: column scales and importance ------------------------------------------
+#
+# A block quantizer rounds each block of 32 (or 256) values on one scale, set by the block's
+# largest value. The folded row is alpha_l * RMSNorm(u) * w_mix,l, so within a block the columns'
+# magnitudes differ by w_mix's factors, and the small columns get the rounding step of the large
+# ones. "scaled" stores each column divided by its RMS over the vocabulary, s (per layer and
+# column), and the graph multiplies the gathered rows by s again (`blk.N.meki_mem_scale`, an [m]
+# multiply per layer). For a quantizer whose error is proportional to the block's largest value,
+# s = the column RMS is the best per-column scale: with r_j the columns' RMS and w_j the weights of
+# their errors, max_j (r_j/s_j)^2 * sum_j s_j^2 w_j >= sum_j r_j^2 w_j, with equality at s = r.
+# It is computed from the table alone, so any f32/f16 table can be scaled, whatever wrote it.
+#
+# The weighted rounding is llama.cpp's rounding search with an importance vector (what
+# llama-imatrix measures for a matmul weight: the mean squared input per column). The table is no
+# matmul weight, but its stored column j reaches the branch multiplied by s_j: an error there costs
+# s_j^2 times one in a column of scale 1, which is the importance given (all ones when unscaled).
+# Weighting columns by |W_out[:, j]|^2 as well did no better (docs/BENCHMARKS.md).
+
+def _table(reader: gguf.GGUFReader) -> tuple[gguf.ReaderTensor, int, int]:
+    """(the table, L, m) of an open MeKi GGUF."""
+    table = next(t for t in reader.tensors if t.name == TABLE)
+    n_layer = int(reader.fields["meki.block_count"].contents())
+    return table, n_layer, int(table.shape[0]) // n_layer
+
+
+def file_scales(reader: gguf.GGUFReader) -> np.ndarray | None:
+    """[L*m] f32: the scales a MeKi GGUF's table is stored with, None if it has none."""
+    _, n_layer, _ = _table(reader)
+    t = {x.name: x for x in reader.tensors}
+    if SCALE.format(0) not in t:
+        return None
+    return np.concatenate([np.asarray(t[SCALE.format(il)].data, np.float32) for il in range(n_layer)])
+
+
+def column_scales(table: gguf.ReaderTensor, chunk: int = 8192) -> np.ndarray:
+    """[L*m] f32: each column's RMS over the vocabulary (1 for an all-zero column)."""
+    ss = np.zeros(int(table.shape[0]), np.float64)
+    for lo in range(0, int(table.shape[1]), chunk):
+        ss += np.square(table.data[lo:lo + chunk], dtype=np.float64).sum(0)
+    s = np.sqrt(ss / int(table.shape[1])).astype(np.float32)
+    s[~(s > 0)] = 1
+    return s
+
+
+def rewrite(src: Path, dst: Path, replace: dict | None = None, add: dict | None = None, drop: tuple = ()) -> Path:
+    """Copy the GGUF `src` to `dst`: every key, every tensor as it is except those `replace`d (by
+    an f32 array or a gguf.LazyChunkedTensor) or dropped, then the `add`ed ones."""
+    replace, add = replace or {}, add or {}
+    reader = gguf.GGUFReader(src)
+    w = gguf.GGUFWriter(dst, arch=reader.fields[gguf.Keys.General.ARCHITECTURE].contents())
+    for f in reader.fields.values():
+        if f.name == gguf.Keys.General.ARCHITECTURE or f.name.startswith("GGUF."):
+            continue
+        vt = f.types[0]
+        w.add_key_value(f.name, f.contents(), vt, sub_type=f.types[-1] if vt == gguf.GGUFValueType.ARRAY else None)
+    for t in reader.tensors:
+        if t.name in replace:
+            w.add_tensor(t.name, replace[t.name])
+        elif t.name not in drop:
+            w.add_tensor(t.name, t.data, raw_shape=t.data.shape, raw_dtype=t.tensor_type)
+    for name, data in add.items():
+        w.add_tensor(name, data)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return dst
+
+
+def write_scaled(src: Path, dst: Path) -> np.ndarray:
+    """Copy the MeKi GGUF `src` (an unscaled f32/f16/bf16 table) to `dst` with its table divided by
+    its column scales (f32) and the scales added, one [m] tensor per layer; returns the scales."""
+    table, n_layer, m = _table(gguf.GGUFReader(src))
+    s = column_scales(table)
+    V, n = int(table.shape[1]), 8192
+    rows = [lambda lo=lo: np.asarray(table.data[lo:lo + n], np.float32) / s for lo in range(0, V, n)]
+    rewrite(src, dst, replace={TABLE: gguf.LazyChunkedTensor(rows, shape=(V, n_layer * m), dtype=np.float32)},
+            add={SCALE.format(il): s[il * m:(il + 1) * m].copy() for il in range(n_layer)})
+    return s
+
+
+def write_importance(path: Path, scales: np.ndarray) -> Path:
+    """An importance file (llama-imatrix's GGUF form) with one entry, the table's: scales^2."""
+    weights = np.square(scales.astype(np.float64))
+    w = gguf.GGUFWriter(path, arch="imatrix")
+    w.add_type("imatrix")
+    w.add_array("imatrix.datasets", ["meki-gguf: the table's column scales squared (meki_gguf/quantize.py)"])
+    w.add_uint32("imatrix.chunk_count", 1)
+    w.add_uint32("imatrix.chunk_size", 1)
+    w.add_tensor(TABLE + ".in_sum2", (weights / weights.mean()).astype(np.float32))
+    w.add_tensor(TABLE + ".counts", np.ones(1, np.float32))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return path

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import os
 import sys
+import tempfile
 from dataclasses import asdict
 from pathlib import Path
 from typing import Iterable
@@ -27,6 +28,7 @@ from conversion.meki import MekiModel
 
 from .atomic import replace_atomically
 from .errors import MekiError
+from .quantize import FLOAT_TYPES, TABLE_TYPES, method_of, quantize
 from .checkpoint.hf import HF_META
 from .fold import FOLDED
 from .model import MekiForCausalLM
@@ -35,7 +37,10 @@ from .tokenizer import find_tokenizer, tokenizer_kv
 ARCH = "meki"
 OUT_TYPES = {"f32": LlamaFileType.ALL_F32, "f16": LlamaFileType.MOSTLY_F16,
              "bf16": LlamaFileType.MOSTLY_BF16, "q8_0": LlamaFileType.MOSTLY_Q8_0}  # -> general.file_type
-TABLE_TYPES = ("f32", "f16", "bf16", "q8_0", "q4_0", "q4_1", "q5_0", "q5_1")      # what gguf.quants can write
+# TABLE_TYPES (quantize.py): float tables are written here, and so are those whose method is plain
+# and which gguf-py rounds as llama.cpp does (DIRECT); the others as an f32 table that quantize.py
+# then rounds with the type's method
+DIRECT = ("q8_0", "q4_0", "q4_1", "q5_0", "q5_1")
 
 # reference (model.py state_dict) name -> GGUF name; per layer below. Folded params have none.
 _GLOBAL = {"model.embed_tokens.weight": "token_embd.weight", "model.norm.weight": "output_norm.weight",
@@ -125,9 +130,18 @@ def write_gguf(ckpt, out_path: str | Path, outtype: str = "f16", table_type: str
     if out.is_dir():
         raise MekiError(f"output {out} is a folder")
 
-    model = _Converter(ckpt, tok_kv, ftype=OUT_TYPES[outtype.lower()], table_type=ttype, fold_dtype=fold_dtype,
-                       chunk=chunk, progress=progress)
-    replace_atomically(out, model.write_to)
+    def converter(table: Q) -> _Converter:
+        return _Converter(ckpt, tok_kv, ftype=OUT_TYPES[outtype.lower()], table_type=table, fold_dtype=fold_dtype,
+                          chunk=chunk, progress=progress)
+    if table_type.lower() in FLOAT_TYPES or (method_of(table_type.lower()) == "plain" and table_type.lower() in DIRECT):
+        replace_atomically(out, converter(ttype).write_to)          # gguf-py rounds as llama-quantize's plain path
+        return out
+    with tempfile.TemporaryDirectory(prefix=".meki-convert-", dir=out.parent) as work:
+        f32 = Path(work) / "table-f32.gguf"
+        replace_atomically(f32, converter(Q.F32).write_to)
+        if progress is not False:
+            print(f"quantizing the table to {table_type.lower()} ({method_of(table_type.lower())})", file=sys.stderr)
+        quantize(f32, out, table_type.lower())
     return out
 
 

@@ -1,18 +1,28 @@
 #!/usr/bin/env python3
-"""Quality of each table type: the MeKi GGUF's table re-quantized (`meki-gguf quantize`, backbone
-left as it is) against the same model with its f32 table, on held-out text.
+"""Quality of each table type and quantization method: the MeKi GGUF's table re-quantized
+(`meki-gguf quantize --table-type T`, method plain / weighted / scaled, backbone left as it is)
+against the same model with its f32 table, on held-out text.
 
-    .venv/bin/python scripts/table_quality.py [MODEL.gguf] [--text FILE] [--chunks N]
+    .venv/bin/python scripts/table_quality.py [MODEL.gguf | --demo] [--text FILE] [--chunks N]
+    .venv/bin/python scripts/table_quality.py --plot     # docs/table-quality.png from the saved runs
 
-MODEL must have an f32 (or f16/bf16) table, e.g. `meki-gguf convert --table-type f32`; without it
-a random-weight model (the real fold of a random checkpoint, Qwen's vocabulary) is built and cached
-in build/bench/. The logits of MODEL are saved once (llama-perplexity --kl-divergence-base), then
-each type's mean KL divergence and top-1 agreement against them (--kl-divergence) are measured.
-Prints a markdown table: bytes read per token, table size, mean KLD, top-1 agreement.
+MODEL must have an f32 (or f16/bf16) table, e.g. `meki-gguf convert --table-type f32`. --demo: the
+trained demo model (scripts/train_demo.py's cached checkpoint, at --d-mem, default 256) on its own
+held-out pages; without either a random-weight model (the real fold of a random checkpoint, Qwen's
+vocabulary) is built and cached in build/bench/. The logits of MODEL are saved once
+(llama-perplexity --kl-divergence-base), then each quantized table's mean KL divergence, top-1
+agreement and perplexity against them (--kl-divergence). Prints a markdown table and saves the
+results to build/bench/table-quality-NAME.json.
+
+Two what-if measurements of formats that are not built (docs/BENCHMARKS.md says why), both from
+tables dequantized in numpy (gguf-py) and written back as an f32 table, which llama.cpp then runs:
+  --layers T         T in one layer at a time, the other layers f32: each layer's sensitivity;
+  --two-tier K:H:C   the first K rows (token ids) in type H, the rest in C (each its default method).
 """
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import re
 import subprocess
@@ -24,11 +34,14 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import gguf  # noqa: E402
+import numpy as np  # noqa: E402
 
-from meki_gguf.quantize import TABLE_TYPES, block_size, quantize, read_table_info  # noqa: E402
+from meki_gguf.quantize import (DEFAULT_METHOD, FLOAT_TYPES, NEEDS_WEIGHTS, TABLE, TABLE_TYPES,  # noqa: E402
+                                WEIGHTED, block_size, file_scales, quantize, read_table_info, rewrite)
 from meki_gguf.runtime import llama_tool, read_header  # noqa: E402
 
 DEFAULT_TEXT = Path("/usr/share/common-licenses/GPL-3")
+BENCH = ROOT / "build" / "bench"
 
 
 def random_model(path: Path) -> Path:
@@ -47,20 +60,20 @@ def random_model(path: Path) -> Path:
                       tokenizer=ROOT / "build" / "src" / "models" / "ggml-vocab-qwen2.gguf", progress=False)
 
 
-def demo_inputs(out: Path) -> tuple[Path, Path]:
-    """The trained demo model (scripts/train_demo.py's cached checkpoint, default run) converted
-    with an f32 table, and its held-out pages (the same split) as one text file."""
-    runs = sorted((ROOT / "build" / "demo").glob("s0-n240-*/meki-demo"))
+def demo_inputs(out: Path, d_mem: int) -> tuple[Path, Path]:
+    """The trained demo model (scripts/train_demo.py's cached checkpoint, default run at m = d_mem)
+    converted with an f32 table, and its held-out pages (the same split) as one text file."""
+    runs = sorted((ROOT / "build" / "demo").glob(f"s0-n240-*-m{d_mem}-*/meki-demo"))
     docs = ROOT / "build" / "demo" / "docs.json"
     if not runs or not docs.is_file():
-        raise SystemExit("no trained demo checkpoint in build/demo/: run scripts/train_demo.py first")
-    model, text = out / "meki-demo-f32.gguf", out / "meki-demo-heldout.txt"
+        raise SystemExit(f"no trained demo checkpoint with m = {d_mem} in build/demo/: run "
+                         f"scripts/train_demo.py --d-mem {d_mem} --skip-bench first")
+    model, text = out / f"meki-demo-m{d_mem}-f32.gguf", out / "meki-demo-heldout.txt"
     if not model.exists():
         from meki_gguf.checkpoint import load_checkpoint
         from meki_gguf.write import write_gguf
         write_gguf(load_checkpoint(runs[-1]), model, outtype="f16", table_type="f32", progress=False)
     if not text.exists():
-        import json
         sys.path.insert(0, str(ROOT / "scripts"))
         from train_demo import split
         _, held = split(json.loads(docs.read_text()), 0)
@@ -77,21 +90,22 @@ def perplexity(model: Path, text: Path, base: Path, ctx: int, chunks: int, threa
     return p.stdout + p.stderr
 
 
-def parse(log: str) -> tuple[float, float] | None:
-    """(mean KLD, top-1 agreement in %) from llama-perplexity's KL summary or, when its asynchronous
-    logger lost the lines printed just before exit (it does, e.g. for bf16 here), from the running
-    means on the last chunk's row (fewer decimals); None if neither is there."""
+def parse(log: str) -> tuple[float, float, float | None] | None:
+    """(mean KLD, top-1 agreement in %, perplexity or None) from llama-perplexity's KL summary or,
+    when its asynchronous logger lost the lines printed just before exit (it does, e.g. for bf16
+    here), from the running means on the last chunk's row (fewer decimals); None if neither is there."""
     kld = re.search(r"Mean\s+KLD:\s+(-?[\d.]+)", log)
     top = re.search(r"Same top p:\s+([\d.]+)", log)
+    ppl = re.search(r"Mean PPL\(Q\)\s*:\s*([\d.]+)", log)
     if kld and top:
-        return float(kld.group(1)), float(top.group(1))
-    # else the running means on the last chunk's row: ... KLD +- u, dp RMS +- u %, same top +- u %
-    rows = re.findall(r"^\s*\d+\s+\S+ ± \S+\s+\S+ ± \S+\s+(-?[\d.]+) ± \S+\s+\S+ ± \S+ %\s+([\d.]+) ± \S+ %",
+        return float(kld.group(1)), float(top.group(1)), float(ppl.group(1)) if ppl else None
+    # else the running means on the last chunk's row: PPL(Q) ... KLD +- u, dp RMS +- u %, same top +- u %
+    rows = re.findall(r"^\s*\d+\s+(\S+) ± \S+\s+\S+ ± \S+\s+(-?[\d.]+) ± \S+\s+\S+ ± \S+ %\s+([\d.]+) ± \S+ %",
                       log, re.M)
-    return (float(rows[-1][0]), float(rows[-1][1])) if rows else None
+    return (float(rows[-1][1]), float(rows[-1][2]), float(rows[-1][0])) if rows else None
 
 
-def kl(model: Path, text: Path, base: Path, ctx: int, chunks: int, threads: int) -> tuple[float, float]:
+def kl(model: Path, text: Path, base: Path, ctx: int, chunks: int, threads: int) -> tuple[float, float, float | None]:
     for _ in range(3):                                      # the lost lines are now and then all of them
         log = perplexity(model, text, base, ctx, chunks, threads, kld=True)
         if (res := parse(log)) is not None:
@@ -99,52 +113,259 @@ def kl(model: Path, text: Path, base: Path, ctx: int, chunks: int, threads: int)
     raise SystemExit(f"no KL figures in llama-perplexity's output on {model.name}:\n{log[-1500:]}")
 
 
+def methods_of(t: str) -> list[str]:
+    """The methods that differ for type t: plain (unless it needs weights), weighted (if its
+    quantizer has a weighted search), scaled."""
+    if t in FLOAT_TYPES:
+        return ["plain"]
+    return [m for m in ("plain", "weighted", "scaled")
+            if not (m == "plain" and t in NEEDS_WEIGHTS) and not (m == "weighted" and t not in WEIGHTED)]
+
+
+def bits(t: str) -> float:
+    blk, size = gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType[t.upper()]]
+    return 8 * size / blk
+
+
+def dequantized(path: Path) -> np.ndarray:
+    """The table of a MeKi GGUF as the graph sees it, in numpy: dequantized, times its scales."""
+    r = gguf.GGUFReader(path)
+    t = next(x for x in r.tensors if x.name == TABLE)
+    rows = gguf.quants.dequantize(t.data, t.tensor_type).reshape(int(t.shape[1]), int(t.shape[0]))
+    s = file_scales(r)
+    return rows.astype(np.float32) * (1 if s is None else s)
+
+
+def with_table(src: Path, dst: Path, table: np.ndarray) -> Path:
+    """A copy of the unscaled f32-table GGUF `src` with another f32 table."""
+    return rewrite(src, dst, replace={TABLE: table})
+
+
+def text_tokens(model: Path, text: Path, ctx: int, chunks: int) -> np.ndarray:
+    """The token ids llama-perplexity evaluates (the first chunks x ctx of the text)."""
+    from llama_cpp import Llama
+    llm = Llama(str(model), vocab_only=True, verbose=False)
+    return np.array(llm.tokenize(text.read_bytes(), add_bos=False)[: chunks * ctx])
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("model", nargs="?", type=Path, help="MeKi GGUF with an f32/f16/bf16 table (default: random)")
     ap.add_argument("--demo", action="store_true",
                     help="the trained demo model (build/demo/, scripts/train_demo.py) on its held-out pages")
+    ap.add_argument("--d-mem", type=int, default=256, help="--demo: the demo run's m (default 256)")
     ap.add_argument("--text", type=Path, help=f"held-out text (default {DEFAULT_TEXT})")
     ap.add_argument("--ctx", type=int, default=512)
     ap.add_argument("--chunks", type=int, default=8, help="chunks of --ctx tokens (default 8)")
     ap.add_argument("--types", nargs="*", help="table types (default: every type whose block divides m)")
+    ap.add_argument("--methods", nargs="*", default=["plain", "weighted", "scaled"])
+    ap.add_argument("--layers", metavar="TYPE", help="what-if: TYPE in one layer at a time")
+    ap.add_argument("--two-tier", nargs="*", metavar="K:HOT:COLD", help="what-if: rows < K in HOT, the rest in COLD")
+    ap.add_argument("--plot", action="store_true",
+                    help="plot the saved runs to docs/table-quality.png and print their tables")
     ap.add_argument("-t", "--threads", type=int, default=os.cpu_count())
     args = ap.parse_args()
+    if args.plot:
+        return plot()
 
+    name, own_text = "random", args.text
     if args.demo:
-        args.model, demo_text = demo_inputs(ROOT / "build" / "bench")
-        args.text = args.text or demo_text
+        args.model, demo_text = demo_inputs(BENCH, args.d_mem)
+        args.text, name = args.text or demo_text, f"demo-m{args.d_mem}"
     args.text = args.text or DEFAULT_TEXT
-    model = args.model or random_model(ROOT / "build" / "bench" / "quality-random-f32.gguf")
+    model = args.model or random_model(BENCH / "quality-random-f32.gguf")
+    name = name if args.demo or args.model is None else model.stem
+    name += f"-{own_text.stem}" if own_text else ""        # another text: another run
     cur, m = read_table_info(model)
     kv, tensors = read_header(model, meki=True)
-    L, V = kv["meki.block_count"], tensors["meki_mem.weight"].shape[1]
+    L, V = kv["meki.block_count"], tensors[TABLE].shape[1]
     types = args.types or [t for t in TABLE_TYPES if m % block_size(t) == 0]
     print(f"model {model} (table {cur}, {L} layers, m {m}, {V} rows), text {args.text}, "
           f"{args.chunks} x {args.ctx} tokens", file=sys.stderr)
 
-    rows = []
     with tempfile.TemporaryDirectory(dir=model.parent) as tmp:
         base = Path(tmp) / "base.kld"
-        perplexity(model, args.text, base, args.ctx, args.chunks, args.threads, kld=False)
+        log = perplexity(model, args.text, base, args.ctx, args.chunks, args.threads, kld=False)
+        ppl = re.search(r"Final estimate: PPL = ([\d.]+)", log)
+        ref_ppl = float(ppl.group(1)) if ppl else None
+        if args.layers or args.two_tier:
+            args.name = name
+            return what_if(args, model, base, Path(tmp), L, m, V, ref_ppl)
+        rows = []
         for t in types:
-            q = Path(tmp) / f"{t}.gguf"
-            if t == cur:                                    # the reference itself
-                q, kld, top = model, 0.0, 100.0
-            else:
-                quantize(model, q, t, threads=args.threads)
-                kld, top = kl(q, args.text, base, args.ctx, args.chunks, args.threads)
             blk, size = gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType[t.upper()]]
-            per_tok = L * m // blk * size
-            rows.append((t, per_tok, per_tok * V, kld, top))
-            print(f"{t:7} {per_tok:6} B/token  KLD {kld:.6f}  top-1 {top:.2f}%", file=sys.stderr)
-            if q != model:
+            row = {"type": t, "bits": bits(t), "per_token": L * m // blk * size, "scale_bytes": 0, "methods": {}}
+            row["size"] = row["per_token"] * V
+            for meth in [x for x in methods_of(t) if x in args.methods]:
+                q = Path(tmp) / f"{t}-{meth}.gguf"
+                if t == cur:                                    # the reference itself
+                    row["methods"][meth] = {"kld": 0.0, "top1": 100.0, "ppl": ref_ppl}
+                    continue
+                quantize(model, q, t, method=meth, threads=args.threads)
+                kld, top, p = kl(q, args.text, base, args.ctx, args.chunks, args.threads)
+                row["methods"][meth] = {"kld": kld, "top1": top, "ppl": p}
+                if meth == "scaled":
+                    row["scale_bytes"] = 4 * L * m
+                print(f"{t:7} {meth:8} {row['per_token']:6} B/token  KLD {kld:.6f}  top-1 {top:.2f}%  "
+                      f"PPL {p}", file=sys.stderr, flush=True)
                 q.unlink()
+            rows.append(row)
 
-    print("| table type | bits/value | bytes read per token | table size | mean KLD vs f32 | top-1 agreement |")
-    print("|---|---:|---:|---:|---:|---:|")
-    for t, per_tok, total, kld, top in rows:
-        print(f"| {t} | {8 * per_tok / (L * m):.2f} | {per_tok:,} | {total / 2**20:,.1f} MiB | {kld:.6f} | {top:.2f}% |")
+    res = {"model": str(model), "name": name, "text": str(args.text), "ctx": args.ctx, "chunks": args.chunks,
+           "L": L, "m": m, "V": V, "ref_ppl": ref_ppl, "default": {t: DEFAULT_METHOD.get(t, "plain") for t in types},
+           "rows": rows}
+    BENCH.mkdir(parents=True, exist_ok=True)
+    (BENCH / f"table-quality-{name}.json").write_text(json.dumps(res, indent=1))
+    print(markdown(res))
+
+
+def markdown(res: dict) -> str:
+    ppl = res["ref_ppl"] is not None and res["name"].startswith("demo")
+    head = ["table type", "bits/value", "bytes read per token", "table size",
+            "KLD plain", "KLD weighted", "KLD scaled", "top-1 (default)"] + (["perplexity (default)"] if ppl else [])
+    out = ["| " + " | ".join(head) + " |", "|---|" + "---:|" * (len(head) - 1)]
+    for r in res["rows"]:
+        ms, d = r["methods"], res["default"].get(r["type"], "plain")
+        best = min(ms.values(), key=lambda x: x["kld"]) if ms else None
+
+        def cell(k):
+            if k not in ms:
+                return "-"
+            s = f"{ms[k]['kld']:.6f}"
+            return f"**{s}**" if ms[k] is best and len(ms) > 1 else s
+        dm = ms.get(d) or ms.get("plain") or best
+        size = r["size"] + (r["scale_bytes"] if d == "scaled" else 0)
+        cells = [r["type"], f"{r['bits']:.2f}", f"{r['per_token']:,}", f"{size / 2**20:,.1f} MiB",
+                 cell("plain"), cell("weighted"), cell("scaled"), f"{dm['top1']:.2f}%"]
+        if ppl:
+            cells.append(f"{dm['ppl']:.3f}" if dm.get("ppl") else "-")
+        out.append("| " + " | ".join(cells) + " |")
+    return "\n".join(out)
+
+
+def markdown_long(res: dict) -> str:
+    """One row per type and method, with top-1 and perplexity (the trained model's) per method."""
+    ppl = res["name"].startswith("demo")
+    head = ["table type", "method", "bits/value", "bytes read per token", "table size", "mean KLD vs f32",
+            "top-1 agreement"] + (["held-out perplexity"] if ppl else [])
+    out = ["| " + " | ".join(head) + " |", "|---|---|" + "---:|" * (len(head) - 2)]
+    for r in res["rows"]:
+        for meth, x in r["methods"].items():
+            d = " (default)" if res["default"].get(r["type"], "plain") == meth and r["type"] not in FLOAT_TYPES else ""
+            size = r["size"] + (r["scale_bytes"] if meth == "scaled" else 0)
+            cells = [r["type"], meth + d, f"{r['bits']:.2f}", f"{r['per_token']:,}", f"{size / 2**20:,.1f} MiB",
+                     f"{x['kld']:.6f}", f"{x['top1']:.2f}%"] + ([f"{x['ppl']:.3f}" if x.get("ppl") else "-"] if ppl else [])
+            out.append("| " + " | ".join(cells) + " |")
+    return "\n".join(out)
+
+
+def what_if(args, model: Path, base: Path, tmp: Path, L: int, m: int, V: int, ref_ppl) -> None:
+    """The --layers and --two-tier measurements (formats not built), f32 tables from numpy."""
+    ref = dequantized(model)
+    cache: dict[str, np.ndarray] = {}
+
+    def table_of(t: str) -> np.ndarray:
+        if t not in cache:
+            q = quantize(model, tmp / f"{t}.gguf", t, threads=args.threads)
+            cache[t] = dequantized(q)
+            q.unlink()
+        return cache[t]
+
+    def measure(table: np.ndarray) -> tuple[float, float, float | None]:
+        f = with_table(model, tmp / "what-if.gguf", table)
+        try:
+            return kl(f, args.text, base, args.ctx, args.chunks, args.threads)
+        finally:
+            f.unlink()
+
+    if args.layers:
+        print(f"| layer in {args.layers} (the others f32) | mean KLD vs f32 | top-1 |\n|---|---:|---:|")
+        for il in range(L):
+            t = ref.copy()
+            t[:, il * m:(il + 1) * m] = table_of(args.layers)[:, il * m:(il + 1) * m]
+            kld, top, _ = measure(t)
+            print(f"| {il} | {kld:.6f} | {top:.2f}% |", flush=True)
+        kld, top, _ = measure(table_of(args.layers))
+        print(f"| all | {kld:.6f} | {top:.2f}% |")
+    if args.two_tier:
+        saved = BENCH / f"table-two-tier-{args.name}-{args.text.stem}.json"
+        runs = json.loads(saved.read_text()) if saved.is_file() else {}
+        ids = text_tokens(model, args.text, args.ctx, args.chunks)
+        print("| rows in the hot tier | hot / cold type | bits/value (storage) | hot share of the text's tokens | "
+              "bytes read per token (this text) | mean KLD vs f32 | top-1 |\n|---|---|---:|---:|---:|---:|---:|")
+        for spec in args.two_tier:
+            k, hot, cold = spec.split(":")
+            k = int(k)
+            t = table_of(cold).copy()
+            t[:k] = table_of(hot)[:k]
+            kld, top, _ = measure(t)
+            share = float((ids < k).mean())
+            b = (k * bits(hot) + (V - k) * bits(cold)) / V
+            per_tok = L * m * (share * bits(hot) + (1 - share) * bits(cold)) / 8
+            print(f"| {k:,} ({k / V:.1%}) | {hot} / {cold} | {b:.2f} | {share:.1%} | {per_tok:,.0f} | {kld:.6f} | "
+                  f"{top:.2f}% |", flush=True)
+            runs[spec] = {"bits": b, "share": share, "per_token": per_tok, "kld": kld, "top1": top}
+            saved.write_text(json.dumps(runs, indent=1))
+
+
+def plot() -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    runs = [json.loads(p.read_text()) for p in sorted(BENCH.glob("table-quality-*.json"))]
+    if not runs:
+        raise SystemExit("no saved runs in build/bench/: run the measurements first")
+    full = [r for r in runs if len(r["rows"]) > 10]        # a sweep of every type (not a spot check)
+    fig, axes = plt.subplots(1, len(full), figsize=(7 * len(full), 5.2), squeeze=False)
+    style = {"plain": ("tab:gray", "o", "plain (llama.cpp's rounding)"),
+             "weighted": ("tab:blue", "s", "weighted (rounding search, uniform importance)"),
+             "scaled": ("tab:red", "^", "scaled (column RMS stored apart, weighted by s²)")}
+    for res in runs:                       # the tables, with the defaults as they are now
+        res["default"] = {r["type"]: DEFAULT_METHOD.get(r["type"], "plain") for r in res["rows"]}
+        print(f"\n{res['name']} ({res['model']}, {res['chunks']} x {res['ctx']} tokens of {res['text']}):\n")
+        print(markdown(res))
+        print("\n<details><summary>every type and method</summary>\n")
+        print(markdown_long(res))
+        print("\n</details>")
+    for ax, res in zip(axes[0], full):
+        for meth, (color, marker, label) in style.items():
+            # every type a marker; the line joins the method's front (no type with fewer or as
+            # many bits has a lower KLD); a type without a weighted search is its plain self in "weighted"
+            pts = sorted((r["bits"], r["methods"][m]["kld"], r["type"]) for r in res["rows"]
+                         for m in ([meth] + (["plain"] if meth == "weighted" and r["type"] not in WEIGHTED else []))
+                         if m in r["methods"] and r["methods"][m]["kld"] > 0 and r["bits"] < 9)
+            if not pts:
+                continue
+            front = [p for p in pts if not any(q[0] <= p[0] and q[1] < p[1] for q in pts)]
+            ax.scatter([p[0] for p in pts], [p[1] for p in pts], marker=marker, color=color, s=14, zorder=3)
+            ax.plot([p[0] for p in front], [p[1] for p in front], color=color, lw=1, label=label,
+                    ls="-" if meth != "plain" else "--")
+            if meth == "scaled":
+                for b, k, t in pts:
+                    ax.annotate(t, (b, k), fontsize=6, xytext=(3, 2), textcoords="offset points")
+        for f in sorted(BENCH.glob(f"table-two-tier-{res['name']}-{Path(res['text']).stem}.json")):
+            tiers = json.loads(f.read_text())
+            ax.scatter([x["bits"] for x in tiers.values()], [x["kld"] for x in tiers.values()], marker="D",
+                       color="tab:green", s=18, zorder=4, label="what-if: two tiers of rows (hot ids / cold), not built")
+            for spec, x in tiers.items():
+                k, hot, cold = spec.split(":")
+                ax.annotate(f"{hot}/{cold} {int(k) / res['V']:.0%}", (x["bits"], x["kld"]), fontsize=5,
+                            color="tab:green", xytext=(3, -7), textcoords="offset points")
+        q4 = next((r["methods"]["plain"]["kld"] for r in res["rows"] if r["type"] == "q4_0"), None)
+        if q4:
+            ax.axhline(q4, color="k", lw=0.6, ls=":", label="plain q4_0 (the goal for ~3 bits)")
+        ax.set_yscale("log")
+        ax.set_xlabel("bits per value (block scales included)")
+        ax.set_ylabel("mean KLD vs the f32 table")
+        ax.set_title(f"{res['name']}: L {res['L']}, m {res['m']}, {res['V']:,} rows\n"
+                     f"{Path(res['text']).name}, {res['chunks']} x {res['ctx']} tokens", fontsize=9)
+        ax.grid(alpha=0.3, which="both")
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    out = ROOT / "docs" / "table-quality.png"
+    fig.savefig(out, dpi=120)
+    print(f"wrote {out}")
 
 
 if __name__ == "__main__":

@@ -23,6 +23,7 @@ from meki_gguf import atomic, write
 from meki_gguf.checkpoint import load_checkpoint, save_hf, save_megatron
 from meki_gguf.cli import main
 from meki_gguf.model import MekiConfig, MekiForCausalLM, init_random
+from meki_gguf.quantize import WEIGHTED, method_of
 from meki_gguf.tokenizer import tiny_tokenizer_dir, tokenizer_kv
 
 # every row length a multiple of 32, so that q8_0/q4_*/q5_* fit everywhere
@@ -89,9 +90,11 @@ def block_tolerance(ref: np.ndarray, qtype) -> np.ndarray:
     return np.broadcast_to((hi - lo) / (2 ** bits - 1) * 1.02 + 1e-6, b.shape).reshape(ref.shape)
 
 
-def assert_matches(got: np.ndarray, ref: torch.Tensor, qtype, what: str, fold_atol: float = 0.0):
+def assert_matches(got: np.ndarray, ref: torch.Tensor, qtype, what: str, fold_atol: float = 0.0, steps: float = 1.0):
     """got == ref rounded to qtype; with fold_atol (a float32 fold against the float64 reference),
-    within half a step of the type (relative) plus fold_atol instead."""
+    within half a step of the type (relative) plus fold_atol instead. steps: the block quantizer's
+    bound in steps of its grid (a weighted rounding search may clamp a block's largest values by
+    up to ~0.9 step to round the rest better: then 2, and the RMS error within 0.3 step)."""
     want = ref.float().numpy()
     if qtype in (Q.F32, Q.F16, Q.BF16) and not fold_atol:
         np.testing.assert_array_equal(got, rounded(ref, qtype), err_msg=what)
@@ -99,7 +102,10 @@ def assert_matches(got: np.ndarray, ref: torch.Tensor, qtype, what: str, fold_at
         rel = {Q.F32: 2.0 ** -24, Q.F16: 2.0 ** -11, Q.BF16: 2.0 ** -8}[qtype]
         assert np.all(np.abs(got - want) <= np.abs(want) * rel + fold_atol + 6e-8), what
     else:
-        assert np.all(np.abs(got - want) <= block_tolerance(want, qtype) + fold_atol), what
+        step = block_tolerance(want, qtype)
+        assert np.all(np.abs(got - want) <= steps * step + fold_atol), what
+        if steps > 1:
+            assert np.sqrt(np.mean(np.square((got - want) / step))) <= 0.3, what
 
 
 def reference_table(ckpt_tensors, c: MekiConfig) -> torch.Tensor:
@@ -183,7 +189,9 @@ def test_convert_round_trip(tmp_path, tok, outtype, table_type, changes, layout)
 
     # backbone: exactly the FORMAT.md names, types and (reversed) shapes; values to the type's rounding
     sd = ckpt.tensors
-    assert set(tensors) == {FORMAT_NAMES[k] for k in sd if k in FORMAT_NAMES} | {"meki_mem.weight"}
+    scaled = method_of(table_type) == "scaled"          # quantized tables: with their column scales (quantize.py)
+    scale_names = {f"blk.{il}.meki_mem_scale.weight" for il in range(c.n_layer)} if scaled else set()
+    assert set(tensors) == {FORMAT_NAMES[k] for k in sd if k in FORMAT_NAMES} | {"meki_mem.weight"} | scale_names
     assert all(".meki.memory." in k or ".meki.dyn." in k or ".meki.mix_norm." in k or k.endswith((".alpha", ".beta"))
                for k in sd if k not in FORMAT_NAMES)        # the rest is folded into the table
     assert ("output.weight" in tensors) == (not c.tied)
@@ -205,7 +213,12 @@ def test_convert_round_trip(tmp_path, tok, outtype, table_type, changes, layout)
     table = reference_table(sd, c)
     got = values(t)
     assert got.shape == (c.vocab_size, c.n_layer * c.d_mem)
-    assert_matches(got, table.float(), ttype, "meki_mem.weight", fold_atol=1e-5)
+    if scaled:        # each column stored divided by its RMS over the vocabulary, the scales [m] f32 per layer
+        s = torch.from_numpy(np.concatenate([values(tensors[f"blk.{il}.meki_mem_scale.weight"]) for il in range(c.n_layer)]))
+        torch.testing.assert_close(s.double(), table.pow(2).mean(0).sqrt(), rtol=1e-5, atol=0)
+        table = table / s.double()
+    assert_matches(got, table.float(), ttype, "meki_mem.weight", fold_atol=1e-5,
+                   steps=2.0 if method_of(table_type) != "plain" and table_type in WEIGHTED else 1.0)
     if ttype == Q.F32:                                    # spot-check the layout by hand: row t, slice l
         model64 = MekiForCausalLM(c).double()
         model64.load_state_dict({k: v.double() for k, v in sd.items()})
@@ -310,8 +323,11 @@ def test_unknown_and_unsupported_types(tmp_path, tok):
     out = tmp_path / "m.gguf"
     cli_error("convert", src, "-o", out, "--outtype", "q9_9", "--tokenizer", tok, needles=["unknown type 'q9_9'"])
     cli_error("convert", src, "-o", out, "--table-type", "f8", "--tokenizer", tok, needles=["unknown type 'f8'"])
-    for opt, t in [("--table-type", "q4_k"), ("--table-type", "iq2_xxs"), ("--outtype", "q4_0"), ("--outtype", "q6_k")]:
+    for opt, t in [("--outtype", "q4_0"), ("--outtype", "q6_k")]:
         cli_error("convert", src, "-o", out, opt, t, "--tokenizer", tok, needles=[opt, t, "meki-gguf quantize"])
+    for t in ("q4_k", "iq2_xxs"):                 # every table type converts, where its block divides m
+        cli_error("convert", src, "-o", out, "--table-type", t, "--tokenizer", tok,
+                  needles=[f"--table-type {t}", "= 32", "block size 256"])
     assert not out.exists()
 
 

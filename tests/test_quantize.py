@@ -4,6 +4,7 @@ errors for types the table cannot have, and an output that appears complete or n
 from __future__ import annotations
 
 import fcntl
+import sys
 import subprocess
 from pathlib import Path
 
@@ -15,7 +16,8 @@ from click.testing import CliRunner
 from meki_gguf.checkpoint import Checkpoint
 from meki_gguf.cli import main
 from meki_gguf.model import MekiConfig, init_random
-from meki_gguf.quantize import TABLE, llama_tool
+from meki_gguf.quantize import (NEEDS_WEIGHTS, SCALE, TABLE, TABLE_TYPES, WEIGHTED, file_scales, llama_tool,
+                                method_of, quantize, rewrite)
 from meki_gguf.tokenizer import tiny_tokenizer_dir
 from meki_gguf.write import write_gguf
 
@@ -36,8 +38,28 @@ def tensors(path: Path) -> dict[str, gguf.ReaderTensor]:
     return {t.name: t for t in gguf.GGUFReader(path).tensors}
 
 
-def table_f32(t: gguf.ReaderTensor) -> np.ndarray:
-    return gguf.quants.dequantize(t.data, t.tensor_type).reshape(-1, TINY.n_layer * TINY.d_mem)
+def table_f32(path: Path) -> np.ndarray:
+    """The table as the graph uses it: dequantized (gguf-py, numpy), times the scales if any."""
+    r = gguf.GGUFReader(path)
+    t = next(x for x in r.tensors if x.name == TABLE)
+    n = int(t.shape[0])
+    rows = dequantize(t).reshape(-1, n)
+    s = file_scales(r)
+    return rows if s is None else rows * s
+
+
+def dequantize(t: gguf.ReaderTensor) -> np.ndarray:
+    """f32 values of a tensor, from its bytes in numpy: gguf-py's dequantizers, and for q1_0 and
+    q2_0 (which gguf-py has none of) ggml's block layouts read here."""
+    if t.tensor_type not in (Q.Q1_0, Q.Q2_0):
+        return gguf.quants.dequantize(t.data, t.tensor_type).astype(np.float32)
+    qk, bits = (128, 1) if t.tensor_type == Q.Q1_0 else (64, 2)
+    raw = np.asarray(t.data, np.uint8).reshape(-1, 2 + qk * bits // 8)
+    d = raw[:, :2].copy().view(np.float16).astype(np.float32)                   # [n_blocks, 1]
+    q = np.unpackbits(raw[:, 2:], axis=1, bitorder="little").reshape(raw.shape[0], qk, bits)
+    q = (q * (1 << np.arange(bits))).sum(-1)                                    # little-endian fields
+    # q1_0: bit set = +d, else -d; q2_0: 00 = -1, 01 = 0, 10 = +1, 11 = +2 (times d)
+    return (d * (2.0 * q - 1) if bits == 1 else d * (q - 1.0)).astype(np.float32)
 
 
 def cli(*args):
@@ -59,10 +81,11 @@ def test_table_type_round_trip(tmp_path, src, table_type, tol):
     assert r.exit_code == 0, r.output
     a, b = tensors(src), tensors(out)
     assert b[TABLE].tensor_type == Q[table_type.upper()]
-    ref, got = table_f32(a[TABLE]), table_f32(b[TABLE])
+    ref, got = table_f32(src), table_f32(out)
     assert np.abs(got - ref).max() <= tol * np.abs(ref).max()
-    # the backbone is copied as it is, byte for byte
-    assert set(a) == set(b)
+    # the backbone is copied as it is, byte for byte; a scaled table brings its scales
+    scales = {SCALE.format(il) for il in range(TINY.n_layer)}
+    assert set(b) == set(a) | (scales if method_of(table_type) == "scaled" else set())
     for name in set(a) - {TABLE}:
         assert a[name].tensor_type == b[name].tensor_type and np.array_equal(a[name].data, b[name].data), name
     kv = gguf.GGUFReader(out).fields
@@ -90,7 +113,7 @@ def test_llama_quantize_leaves_the_table_alone(tmp_path, src, ftype):
 
 @pytest.mark.parametrize("table_type, needle", [
     ("q4_k", "blocks of 256 values do not divide the memory width m = 32"),
-    ("iq2_xs", "needs an importance matrix"),
+    ("iq2_xs", "blocks of 256 values do not divide the memory width m = 32"),
     ("q8_1", "not a type the table can have"),
     ("int4", "not a type the table can have"),
 ])
@@ -141,3 +164,112 @@ def test_temp_files_of_killed_and_running_writers(tmp_path, src):
         assert cli("quantize", src, out, "--table-type", "q8_0").exit_code == 0
         assert sorted(p.name for p in tmp_path.iterdir()) == [running.name, "out.gguf"]
     assert tensors(out)[TABLE].tensor_type == Q.Q8_0
+
+
+# ---- every table type and method through llama.cpp's gather ------------------------------------
+
+# m = 256: every table type's block divides it (the 256-value k- and iq-types included)
+WIDE = MekiConfig(vocab_size=512, n_layer=2, d_model=64, d_mem=256, d_ff=128, n_head=4, n_kv_head=2, head_dim=16)
+CASES = [(t, m) for t in TABLE_TYPES if t not in ("f32", "f16", "bf16")
+         for m in ("plain", "weighted", "scaled")
+         if not (m == "plain" and t in NEEDS_WEIGHTS) and not (m == "weighted" and t not in WEIGHTED)]
+
+
+@pytest.fixture(scope="module")
+def wide(tmp_path_factory) -> Path:
+    d = tmp_path_factory.mktemp("wide")
+    ckpt = Checkpoint(WIDE, init_random(WIDE, seed=2).state_dict(), "hf", d)
+    return write_gguf(ckpt, d / "wide.gguf", outtype="f16", table_type="f32",
+                      tokenizer=tiny_tokenizer_dir(d / "tok"), progress=False)
+
+
+def gathered(path: Path, tmp: Path, ids: list[int], name: str) -> np.ndarray:
+    """The values of graph tensor `name` (each layer's, for a per-layer one) for one ubatch of
+    `ids`, from the patched llama.cpp (llama-logits --dump)."""
+    rows = tmp / f"{name}.f32"
+    subprocess.run([llama_tool("llama-logits"), "-m", path, "-p", ",".join(map(str, ids)), "-n", "1",
+                    "-o", tmp / "logits.f32", "-b", "64", "-ub", "64", "--dump", f"{name}:{rows}"],
+                   check=True, capture_output=True)
+    return np.fromfile(rows, np.float32)
+
+
+def within_one_ulp(got: np.ndarray, want: np.ndarray) -> bool:
+    return bool(np.all(np.abs(got - want) <= np.spacing(np.abs(want).astype(np.float32))))
+
+
+@pytest.mark.parametrize("table_type, method", CASES, ids=[f"{t}-{m}" for t, m in CASES])
+def test_gathered_rows_are_the_dequantized_table(tmp_path, wide, table_type, method):
+    """llama.cpp's gather of each table type and method equals the table dequantized here in
+    numpy, within one float32 ulp: the rows as stored, and (scaled) the rows times the scales."""
+    out = quantize(wide, tmp_path / "q.gguf", table_type, method=method)
+    r = gguf.GGUFReader(out)
+    t = next(x for x in r.tensors if x.name == TABLE)
+    assert t.tensor_type == Q[table_type.upper()]
+    scales = file_scales(r)
+    assert (scales is not None) == (method == "scaled")
+    ids = [0, 1, 2, 7, 255, 256, 300, 511, 5, 5] + list(range(17, 512, 13))[:54]      # 64 tokens, all layers' slices
+    L, m = WIDE.n_layer, WIDE.d_mem
+    stored = dequantize(t).reshape(-1, L * m)[ids]
+    assert within_one_ulp(gathered(out, tmp_path, ids, "meki_mem").reshape(len(ids), L * m), stored)
+    if scales is not None:
+        got = gathered(out, tmp_path, ids, "meki_mem_scaled").reshape(L, len(ids), m)    # one dump per layer
+        want = (stored * scales).reshape(len(ids), L, m).transpose(1, 0, 2)
+        assert within_one_ulp(got, want)
+        # the scales are each column's RMS over the vocabulary, and the stored columns have RMS 1
+        src = table_f32(wide)
+        np.testing.assert_allclose(scales, np.sqrt(np.square(src, dtype=np.float64).mean(0)), rtol=1e-6)
+
+
+def test_weighted_and_scaled_lower_the_kld(tmp_path, wide):
+    """A regression guard, not the benchmark (scripts/table_quality.py): on a small random model
+    whose mix-norm weights vary by +-20% (init_random), the weighted and scaled tables have a lower
+    mean KL divergence from the f32 table than llama.cpp's plain rounding, at each type checked."""
+    import sys
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
+    from table_quality import kl, perplexity
+
+    text = tmp_path / "text.txt"
+    text.write_text(Path("/usr/share/common-licenses/GPL-3").read_text()[:40000])
+    base = tmp_path / "base.kld"
+    perplexity(wide, text, base, 128, 8, 2, kld=False)
+    for t in ("q4_1", "q3_k", "q2_k"):
+        kld = {m: kl(quantize(wide, tmp_path / f"{t}-{m}.gguf", t, method=m), text, base, 128, 8, 2)[0]
+               for m in ("plain", "weighted", "scaled")}
+        print(t, kld)
+        assert kld["scaled"] < kld["plain"] and kld["weighted"] < kld["plain"], (t, kld)
+
+
+def test_the_defaults_and_the_method_option(tmp_path, wide, src):
+    """`quantize` picks each type's measured default; --table-method overrides it; a type that
+    exists only weighted refuses the plain rounding in one line."""
+    out = tmp_path / "out.gguf"
+    assert cli("quantize", wide, out, "--table-type", "q3_k").exit_code == 0
+    assert (file_scales(gguf.GGUFReader(out)) is not None) == (method_of("q3_k") == "scaled")
+    assert cli("quantize", wide, out, "--table-type", "q3_k", "--table-method", "plain").exit_code == 0
+    assert file_scales(gguf.GGUFReader(out)) is None
+    kv = gguf.GGUFReader(out).fields
+    assert "quantize.imatrix.file" not in kv
+    assert cli("quantize", wide, out, "--table-type", "q3_k", "--table-method", "weighted").exit_code == 0
+    assert gguf.GGUFReader(out).fields["quantize.imatrix.file"].contents() == "meki-table-importance.gguf"
+    cli_error("quantize", wide, tmp_path / "o.gguf", "--table-type", "iq2_xs", "--table-method", "plain",
+              needle="exists only with a weighted rounding")
+    # a scaled table keeps its scales when it is quantized again
+    q8 = quantize(wide, tmp_path / "q8.gguf", "q8_0", method="scaled")
+    q4 = quantize(q8, tmp_path / "q4.gguf", "q4_0", allow_requantize=True)
+    np.testing.assert_array_equal(file_scales(gguf.GGUFReader(q4)), file_scales(gguf.GGUFReader(q8)))
+
+
+@pytest.mark.parametrize("drop, reason", [("blk.1.meki_mem_scale.weight", "tensor 'blk.1.meki_mem_scale.weight' not found"),
+                                          ("blk.0.meki_mem_scale.weight", "blk.1.meki_mem_scale.weight: in layer 1 but not in layer 0")])
+def test_scales_of_some_layers_only_are_refused(tmp_path, wide, drop, reason):
+    """A table's scales come for every layer or for none: llama.cpp refuses a file with some,
+    and `generate` says why in one line."""
+    q = quantize(wide, tmp_path / "q.gguf", "q4_0", method="scaled")
+    bad = rewrite(q, tmp_path / "bad.gguf", drop=(drop,))
+    r = subprocess.run([sys.executable, "-m", "meki_gguf.cli", "generate", str(bad), "-p", "Hi", "-n", "2", "--temp", "0"],
+                       capture_output=True, text=True, timeout=120)
+    lines = r.stderr.strip().splitlines()
+    assert r.returncode == 1 and len(lines) == 1 and lines[0].startswith("error: ") and reason in lines[0], r.stderr
+    ok = subprocess.run([sys.executable, "-m", "meki_gguf.cli", "generate", str(q), "-p", "Hi", "-n", "2", "--temp", "0"],
+                        capture_output=True, text=True, timeout=120)
+    assert ok.returncode == 0, ok.stderr

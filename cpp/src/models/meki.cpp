@@ -5,7 +5,7 @@
 // token-indexed memory table into the residual stream, in a thin branch beside the FFN:
 //
 //   H  = ffn_norm(A)                              A: the residual after attention
-//   v  = mem_l[token] + sigmoid(W_gate . H)
+//   v  = mem_l[token] * scale_l + sigmoid(W_gate . H)    scale_l: optional, [m]
 //   y  = rms_norm(W_out . v) * post_norm
 //   A' = A + FFN(H) + y
 //
@@ -76,6 +76,14 @@ void llama_model_meki::load_arch_tensors(llama_model_loader & ml) {
         layer.per_layer_inp_gate  = create_tensor(tn(LLM_TENSOR_MEKI_GATE,      "weight", i), {n_embd, n_mem}, 0);
         layer.per_layer_proj      = create_tensor(tn(LLM_TENSOR_MEKI_OUT,       "weight", i), {n_mem, n_embd}, 0);
         layer.per_layer_post_norm = create_tensor(tn(LLM_TENSOR_MEKI_POST_NORM, "weight", i), {n_embd}, 0);
+
+        // optional, every layer or none: the table holds each column divided by its scale (its RMS
+        // over the vocabulary), which rounds better at low bits; the branch multiplies it back
+        layer.per_layer_inp_scale = create_tensor(tn(LLM_TENSOR_MEKI_MEM_SCALE, "weight", i), {n_mem},
+                                                  i == 0 || layers[0].per_layer_inp_scale == nullptr ? TENSOR_NOT_REQUIRED : 0);
+        if (i > 0 && (layer.per_layer_inp_scale == nullptr) != (layers[0].per_layer_inp_scale == nullptr)) {
+            throw std::runtime_error(format("%s: in layer %d but not in layer 0", tn(LLM_TENSOR_MEKI_MEM_SCALE, "weight", i).str().c_str(), i));
+        }
     }
 }
 
@@ -127,8 +135,13 @@ ggml_tensor * llama_model_meki::graph::build_inp_mem(const llama_model_meki & mo
     return mem;
 }
 
-// y = rms_norm(W_out . (mem + sigmoid(W_gate . h))) * post_norm, h = ffn_norm(A)
+// y = rms_norm(W_out . (mem * scale + sigmoid(W_gate . h))) * post_norm, h = ffn_norm(A)
 ggml_tensor * llama_model_meki::graph::build_mem_branch(const llama_layer & layer, ggml_tensor * h, ggml_tensor * mem, int il) {
+    if (layer.per_layer_inp_scale) {
+        mem = ggml_mul(ctx0, mem, layer.per_layer_inp_scale);
+        cb(mem, "meki_mem_scaled", il);
+    }
+
     ggml_tensor * gate = build_lora_mm(layer.per_layer_inp_gate, h);
     gate = ggml_sigmoid(ctx0, gate);
     cb(gate, "meki_gate", il);

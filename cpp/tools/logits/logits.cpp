@@ -2,7 +2,7 @@
 // across builds (a cross-compiled build under an emulator, a GPU backend) without Python.
 //
 //   llama-logits -m MODEL -p 1,2,3 -n 32 -o logits.f32 [-f 4,5,...] [-b 64] [-ub 16] [-c 256] [-ngl 0] [-t N]
-//                [--rpc HOST:PORT,...]
+//                [--rpc HOST:PORT,...] [--dump NAME:FILE]
 //
 // The prompt (token ids) goes through one llama_decode call, split into ubatches of -ub; then
 // -n greedy tokens are chosen, each but the last fed back as a 1-token decode step (with -f, the
@@ -11,6 +11,9 @@
 // stdout gets one line "greedy: t1 t2 ...". The KV cache is f32 and flash attention is off, so
 // the only rounding is the backend's own arithmetic. --rpc adds the rpc-server processes at those
 // endpoints as devices (llama.cpp's RPC backend, as the other tools' --rpc does), for -ngl.
+// --dump appends the float32 values of every graph tensor named NAME (or NAME-<layer>) to FILE,
+// each time the graph computes it (the scheduler's eval callback): e.g. meki_mem, the gathered
+// table rows {L*m, n_tokens} of each ubatch, to check the gather against an independent dequantization.
 
 #include "ggml-backend.h"
 #include "llama.h"
@@ -23,7 +26,7 @@
 
 static void usage(const char * argv0) {
     fprintf(stderr, "usage: %s -m MODEL -p ID,ID,... -o OUT.f32 [-n 32] [-f ID,ID,...] [-b 64] [-ub 16] [-c 256] [-ngl 0] [-t 1]"
-                    " [--rpc HOST:PORT,...]\n", argv0);
+                    " [--rpc HOST:PORT,...] [--dump NAME:FILE]\n", argv0);
     exit(2);
 }
 
@@ -63,8 +66,32 @@ static bool add_rpc_servers(const std::string & servers) {
     return true;
 }
 
+struct dump_target {
+    std::string name;
+    FILE * out = nullptr;
+    bool ok = true;
+};
+
+static bool dump_tensor(struct ggml_tensor * t, bool ask, void * user_data) {
+    auto * d = (dump_target *) user_data;
+    const std::string name = ggml_get_name(t);
+    const bool match = name == d->name || (name.rfind(d->name + "-", 0) == 0 && name.find('-', d->name.size() + 1) == std::string::npos);
+    if (ask || !match) {
+        return match;
+    }
+    if (t->type != GGML_TYPE_F32 || !ggml_is_contiguous(t)) {
+        fprintf(stderr, "error: --dump %s: a %s tensor, not contiguous f32\n", name.c_str(), ggml_type_name(t->type));
+        d->ok = false;
+        return true;
+    }
+    std::vector<float> data(ggml_nelements(t));
+    ggml_backend_tensor_get(t, data.data(), 0, ggml_nbytes(t));
+    d->ok = d->ok && fwrite(data.data(), sizeof(float), data.size(), d->out) == data.size();
+    return true;
+}
+
 int main(int argc, char ** argv) {
-    std::string model_path, out_path, rpc_servers;
+    std::string model_path, out_path, rpc_servers, dump;
     std::vector<llama_token> prompt, forced;
     int n_gen = 32, n_batch = 64, n_ubatch = 16, n_ctx = 256, n_gpu_layers = 0, n_threads = 1;
 
@@ -85,6 +112,7 @@ int main(int argc, char ** argv) {
         else if (arg == "-p")   { prompt = parse_ids(val, argv[0]); }
         else if (arg == "-f")   { forced = parse_ids(val, argv[0]); }
         else if (arg == "--rpc") { rpc_servers = val; }
+        else if (arg == "--dump") { dump = val; }
         else                    { usage(argv[0]); }
     }
     if (model_path.empty() || out_path.empty() || prompt.empty() || n_gen < 1 ||
@@ -115,6 +143,17 @@ int main(int argc, char ** argv) {
     cparams.type_k          = GGML_TYPE_F32;
     cparams.type_v          = GGML_TYPE_F32;
     cparams.flash_attn_type = LLAMA_FLASH_ATTN_TYPE_DISABLED;
+    dump_target target;
+    if (!dump.empty()) {
+        const size_t colon = dump.find(':');
+        if (colon == std::string::npos || colon == 0 || (target.out = fopen(dump.substr(colon + 1).c_str(), "wb")) == nullptr) {
+            fprintf(stderr, "error: --dump %s: NAME:FILE, FILE writable\n", dump.c_str());
+            return 1;
+        }
+        target.name = dump.substr(0, colon);
+        cparams.cb_eval           = dump_tensor;
+        cparams.cb_eval_user_data = &target;
+    }
     llama_context * ctx = llama_init_from_model(model, cparams);
     if (ctx == nullptr) {
         fprintf(stderr, "error: failed to create a context\n");
@@ -167,6 +206,10 @@ int main(int argc, char ** argv) {
         batch.n_tokens  = 1;
     }
     fclose(out);
+    if (target.out != nullptr && (fclose(target.out) != 0 || !target.ok)) {
+        fprintf(stderr, "error: --dump %s: not written\n", dump.c_str());
+        rc = 1;
+    }
 
     printf("greedy:");
     for (llama_token t : greedy) {
