@@ -218,7 +218,7 @@ def column_scales(table: gguf.ReaderTensor, chunk: int = 8192) -> np.ndarray:
 
 def rewrite(src: Path, dst: Path, replace: dict | None = None, add: dict | None = None, drop: tuple = ()) -> Path:
     """Copy the GGUF `src` to `dst`: every key, every tensor as it is except those `replace`d (by
-    an f32 array or a gguf.LazyChunkedTensor) or dropped, then the `add`ed ones."""
+    an array or a gguf.LazyChunkedTensor) or dropped, then the `add`ed ones."""
     replace, add = replace or {}, add or {}
     reader = gguf.GGUFReader(src)
     w = gguf.GGUFWriter(dst, arch=reader.fields[gguf.Keys.General.ARCHITECTURE].contents())

@@ -259,17 +259,30 @@ def test_the_defaults_and_the_method_option(tmp_path, wide, src):
     np.testing.assert_array_equal(file_scales(gguf.GGUFReader(q4)), file_scales(gguf.GGUFReader(q8)))
 
 
-@pytest.mark.parametrize("drop, reason", [("blk.1.meki_mem_scale.weight", "tensor 'blk.1.meki_mem_scale.weight' not found"),
-                                          ("blk.0.meki_mem_scale.weight", "blk.1.meki_mem_scale.weight: in layer 1 but not in layer 0")])
-def test_scales_of_some_layers_only_are_refused(tmp_path, wide, drop, reason):
-    """A table's scales come for every layer or for none: llama.cpp refuses a file with some,
-    and `generate` says why in one line."""
+BAD_SCALES = {  # name: (edit of a scaled q4_0 file, llama.cpp's reason)
+    "no-scale-in-layer-1": (dict(drop=("blk.1.meki_mem_scale.weight",)), "tensor 'blk.1.meki_mem_scale.weight' not found"),
+    "no-scale-in-layer-0": (dict(drop=("blk.0.meki_mem_scale.weight",)),
+                            "blk.1.meki_mem_scale.weight: in layer 1 but not in layer 0"),
+    # ggml-cpu's multiply takes f32 weights only (an f16 one aborted the process at the first token)
+    "f16-scale": ("blk.0.meki_mem_scale.weight", "tensor 'blk.0.meki_mem_scale.weight' is f16: it must be f32"),
+    "f16-norm": ("blk.1.meki_post_norm.weight", "tensor 'blk.1.meki_post_norm.weight' is f16: it must be f32"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_SCALES))
+def test_bad_scales_and_norms_are_refused(tmp_path, wide, case):
+    """A table's scales come for every layer or for none, and, like the norms, in f32: llama.cpp
+    refuses any other file at load, and `generate` says why in one line."""
     q = quantize(wide, tmp_path / "q.gguf", "q4_0", method="scaled")
-    bad = rewrite(q, tmp_path / "bad.gguf", drop=(drop,))
+    edit, reason = BAD_SCALES[case]
+    if isinstance(edit, str):                               # that tensor in f16
+        data = next(np.asarray(t.data) for t in gguf.GGUFReader(q).tensors if t.name == edit)
+        edit = dict(replace={edit: data.astype(np.float16)})
+    bad = rewrite(q, tmp_path / "bad.gguf", **edit)
     r = subprocess.run([sys.executable, "-m", "meki_gguf.cli", "generate", str(bad), "-p", "Hi", "-n", "2", "--temp", "0"],
                        capture_output=True, text=True, timeout=120)
     lines = r.stderr.strip().splitlines()
-    assert r.returncode == 1 and len(lines) == 1 and lines[0].startswith("error: ") and reason in lines[0], r.stderr
+    assert r.returncode == 1 and len(lines) == 1 and lines[0].startswith("error: ") and reason in lines[0], r.stderr[-3000:]
     ok = subprocess.run([sys.executable, "-m", "meki_gguf.cli", "generate", str(q), "-p", "Hi", "-n", "2", "--temp", "0"],
                         capture_output=True, text=True, timeout=120)
     assert ok.returncode == 0, ok.stderr

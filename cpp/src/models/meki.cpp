@@ -85,6 +85,21 @@ void llama_model_meki::load_arch_tensors(llama_model_loader & ml) {
             throw std::runtime_error(format("%s: in layer %d but not in layer 0", tn(LLM_TENSOR_MEKI_MEM_SCALE, "weight", i).str().c_str(), i));
         }
     }
+
+    // the norms and scales are multiplied into f32 activations, which the backends do only with f32
+    // (ggml-cpu aborts on an f16 one): a file with another type is refused here, not at the first token
+    auto require_f32 = [](const ggml_tensor * t) {
+        if (t != nullptr && t->type != GGML_TYPE_F32) {
+            throw std::runtime_error(format("tensor '%s' is %s: it must be f32", ggml_get_name(t), ggml_type_name(t->type)));
+        }
+    };
+    require_f32(output_norm);
+    for (const auto & layer : layers) {
+        for (const ggml_tensor * t : {layer.attn_norm, layer.attn_q_norm, layer.attn_k_norm, layer.ffn_norm,
+                                      layer.per_layer_post_norm, layer.per_layer_inp_scale}) {
+            require_f32(t);
+        }
+    }
 }
 
 std::unique_ptr<llm_graph_context> llama_model_meki::build_arch_graph(const llm_graph_params & params) const {
