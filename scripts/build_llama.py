@@ -251,7 +251,8 @@ def sync_tree(pristine: Path, dest: Path, files: dict[str, bytes]) -> bool:
     changed = False
     for rel in before - set(files):             # no longer patched: back to pristine
         if (pristine / rel).exists():
-            shutil.copy2(pristine / rel, dest / rel)
+            # a new mtime (not copy2's, the sdist's): the build must see the file change back
+            shutil.copy(pristine / rel, dest / rel)
         else:
             (dest / rel).unlink(missing_ok=True)
         changed = True
