@@ -190,6 +190,7 @@ def inspect(file: Path):
     (weights held in RAM vs the table read row by row from disk)."""
     import gguf
 
+    from .quantize import IMPORTANCE
     from .runtime import LEGACY_GATE_KEY, read_header
 
     kv, tensors = read_header(file, meki=True)
@@ -231,7 +232,7 @@ def inspect(file: Path):
         ("table", f"meki_mem.weight {{{L}*{m}, {V}}} {table.type.name.lower()}: "
                   f"{_size(table.nbytes)}, read by row"
                   f"{'; columns stored divided by blk.N.meki_mem_scale (scaled)' if 'blk.0.meki_mem_scale.weight' in tensors else ''}"
-                  f"{'; weighted rounding' if 'quantize.imatrix.file' in kv else ''}"),
+                  f"{'; weighted rounding' if kv.get('quantize.imatrix.file') == IMPORTANCE else ''}"),
         ("per token", f"{L * m} table values = {L * m // block * type_size} bytes read"),
     ]
     for k, v in rows:

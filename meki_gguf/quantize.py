@@ -85,6 +85,15 @@ def read_table_info(path: Path) -> tuple[str, int]:
     return tensors[TABLE].type.name.lower(), int(m)
 
 
+def methods_for(table_type: str) -> list[str]:
+    """The methods that give a table of this type different bytes: plain (unless the type needs
+    weights), weighted (if its quantizer has a weighted search), scaled; a float type: plain."""
+    if table_type in FLOAT_TYPES:
+        return ["plain"]
+    return [m for m in METHODS if not (m == "plain" and table_type in NEEDS_WEIGHTS)
+            and not (m == "weighted" and table_type not in WEIGHTED)]
+
+
 def method_of(table_type: str, method: str | None = None) -> str:
     """How a table of this type is quantized: `method`, or (None) the type's measured default."""
     if table_type in FLOAT_TYPES:

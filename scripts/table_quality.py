@@ -36,8 +36,8 @@ sys.path.insert(0, str(ROOT))
 import gguf  # noqa: E402
 import numpy as np  # noqa: E402
 
-from meki_gguf.quantize import (DEFAULT_METHOD, FLOAT_TYPES, NEEDS_WEIGHTS, TABLE, TABLE_TYPES,  # noqa: E402
-                                WEIGHTED, block_size, file_scales, quantize, read_table_info, rewrite)
+from meki_gguf.quantize import (DEFAULT_METHOD, FLOAT_TYPES, TABLE, TABLE_TYPES, WEIGHTED,  # noqa: E402
+                                block_size, file_scales, methods_for, quantize, read_table_info, rewrite)
 from meki_gguf.runtime import llama_tool, read_header  # noqa: E402
 
 DEFAULT_TEXT = Path("/usr/share/common-licenses/GPL-3")
@@ -111,15 +111,6 @@ def kl(model: Path, text: Path, base: Path, ctx: int, chunks: int, threads: int)
         if (res := parse(log)) is not None:
             return res
     raise SystemExit(f"no KL figures in llama-perplexity's output on {model.name}:\n{log[-1500:]}")
-
-
-def methods_of(t: str) -> list[str]:
-    """The methods that differ for type t: plain (unless it needs weights), weighted (if its
-    quantizer has a weighted search), scaled."""
-    if t in FLOAT_TYPES:
-        return ["plain"]
-    return [m for m in ("plain", "weighted", "scaled")
-            if not (m == "plain" and t in NEEDS_WEIGHTS) and not (m == "weighted" and t not in WEIGHTED)]
 
 
 def bits(t: str) -> float:
@@ -196,7 +187,7 @@ def main() -> None:
             blk, size = gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType[t.upper()]]
             row = {"type": t, "bits": bits(t), "per_token": L * m // blk * size, "scale_bytes": 0, "methods": {}}
             row["size"] = row["per_token"] * V
-            for meth in [x for x in methods_of(t) if x in args.methods]:
+            for meth in [x for x in methods_for(t) if x in args.methods]:
                 q = Path(tmp) / f"{t}-{meth}.gguf"
                 if t == cur:                                    # the reference itself
                     row["methods"][meth] = {"kld": 0.0, "top1": 100.0, "ppl": ref_ppl}

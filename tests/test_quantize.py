@@ -16,8 +16,8 @@ from click.testing import CliRunner
 from meki_gguf.checkpoint import Checkpoint
 from meki_gguf.cli import main
 from meki_gguf.model import MekiConfig, init_random
-from meki_gguf.quantize import (NEEDS_WEIGHTS, SCALE, TABLE, TABLE_TYPES, WEIGHTED, file_scales, llama_tool,
-                                method_of, quantize, rewrite)
+from meki_gguf.quantize import (SCALE, TABLE, TABLE_TYPES, file_scales, llama_tool, method_of, methods_for,
+                                quantize, rewrite)
 from meki_gguf.tokenizer import tiny_tokenizer_dir
 from meki_gguf.write import write_gguf
 
@@ -170,9 +170,7 @@ def test_temp_files_of_killed_and_running_writers(tmp_path, src):
 
 # m = 256: every table type's block divides it (the 256-value k- and iq-types included)
 WIDE = MekiConfig(vocab_size=512, n_layer=2, d_model=64, d_mem=256, d_ff=128, n_head=4, n_kv_head=2, head_dim=16)
-CASES = [(t, m) for t in TABLE_TYPES if t not in ("f32", "f16", "bf16")
-         for m in ("plain", "weighted", "scaled")
-         if not (m == "plain" and t in NEEDS_WEIGHTS) and not (m == "weighted" and t not in WEIGHTED)]
+CASES = [(t, m) for t in TABLE_TYPES if t not in ("f32", "f16", "bf16") for m in methods_for(t)]
 
 
 @pytest.fixture(scope="module")
