@@ -90,27 +90,20 @@ def perplexity(model: Path, text: Path, base: Path, ctx: int, chunks: int, threa
     return p.stdout + p.stderr
 
 
-def parse(log: str) -> tuple[float, float, float | None] | None:
-    """(mean KLD, top-1 agreement in %, perplexity or None) from llama-perplexity's KL summary or,
-    when its asynchronous logger lost the lines printed just before exit (it does, e.g. for bf16
-    here), from the running means on the last chunk's row (fewer decimals); None if neither is there."""
-    kld = re.search(r"Mean\s+KLD:\s+(-?[\d.]+)", log)
-    top = re.search(r"Same top p:\s+([\d.]+)", log)
-    ppl = re.search(r"Mean PPL\(Q\)\s*:\s*([\d.]+)", log)
-    if kld and top:
-        return float(kld.group(1)), float(top.group(1)), float(ppl.group(1)) if ppl else None
-    # else the running means on the last chunk's row: PPL(Q) ... KLD +- u, dp RMS +- u %, same top +- u %
-    rows = re.findall(r"^\s*\d+\s+(\S+) ± \S+\s+\S+ ± \S+\s+(-?[\d.]+) ± \S+\s+\S+ ± \S+ %\s+([\d.]+) ± \S+ %",
-                      log, re.M)
-    return (float(rows[-1][1]), float(rows[-1][2]), float(rows[-1][0])) if rows else None
+def figure(log: str, pattern: str, what: str, model: Path) -> float:
+    """One figure of llama-perplexity's summary (patch 0011 makes it print the summary whole before
+    it exits: llama.cpp's logger used to drop the last lines now and then)."""
+    if (m := re.search(pattern, log)) is None:
+        raise SystemExit(f"no {what} in llama-perplexity's output on {model.name}:\n{log[-1500:]}")
+    return float(m.group(1))
 
 
-def kl(model: Path, text: Path, base: Path, ctx: int, chunks: int, threads: int) -> tuple[float, float, float | None]:
-    for _ in range(3):                                      # the lost lines are now and then all of them
-        log = perplexity(model, text, base, ctx, chunks, threads, kld=True)
-        if (res := parse(log)) is not None:
-            return res
-    raise SystemExit(f"no KL figures in llama-perplexity's output on {model.name}:\n{log[-1500:]}")
+def kl(model: Path, text: Path, base: Path, ctx: int, chunks: int, threads: int) -> tuple[float, float, float]:
+    """(mean KLD, top-1 agreement in %, perplexity) of `model` against the saved logits `base`."""
+    log = perplexity(model, text, base, ctx, chunks, threads, kld=True)
+    return (figure(log, r"Mean\s+KLD:\s+(-?[\d.]+)", "mean KLD", model),
+            figure(log, r"Same top p:\s+([\d.]+)", "top-1 agreement", model),
+            figure(log, r"Mean PPL\(Q\)\s*:\s*([\d.]+)", "perplexity", model))
 
 
 def bits(t: str) -> float:
@@ -177,8 +170,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory(dir=model.parent) as tmp:
         base = Path(tmp) / "base.kld"
         log = perplexity(model, args.text, base, args.ctx, args.chunks, args.threads, kld=False)
-        ppl = re.search(r"Final estimate: PPL = ([\d.]+)", log)
-        ref_ppl = float(ppl.group(1)) if ppl else None
+        ref_ppl = figure(log, r"Final estimate: PPL = ([\d.]+)", "perplexity", model)
         if args.layers or args.two_tier:
             args.name = name
             return what_if(args, model, base, Path(tmp), L, m, V, ref_ppl)

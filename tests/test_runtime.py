@@ -526,6 +526,20 @@ def test_llama_cli_load_modes_match_mmap(base, mode):
     assert len(ref) > 1 and tokens(mode) == ref
 
 
+def test_tools_print_their_last_lines(tmp_path):
+    """llama.cpp's logger writes from a worker thread that nothing waits for at exit: patch 0011
+    flushes it when llama-perplexity and llama-cli return. With the worker slowed down
+    (tests/slow_log.c) the tools without the patch lose their last lines in every run: the KL
+    summary, the last "next token" lines (scripts/check_tool_output.py runs this 100 times)."""
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
+    from check_tool_output import cli_complete, perplexity_complete, setup
+
+    shim, ppl, cli = setup(tmp_path)
+    env = {**os.environ, "LD_PRELOAD": str(shim)}
+    assert perplexity_complete(ppl, env), "llama-perplexity lost its KL summary"
+    assert cli_complete(cli, env), "llama-cli lost its last tokens"
+
+
 def test_load_modes_peak_memory(tmp_path, tok):
     """No load mode reads the table into RAM: under each, a MeKi model peaks within 40 MiB of its
     dense twin (its 157 MiB table would show). And direct I/O (-lm dio) stages tensors through an
