@@ -19,6 +19,7 @@ mean KL <= MAX_MEAN_KL (`top1_holds`).
 """
 from __future__ import annotations
 
+import copy
 import subprocess
 import tempfile
 from dataclasses import dataclass
@@ -104,6 +105,43 @@ def tool_greedy(exe: str | Path, path: str | Path, prompt: list[int], n: int, *,
         greedy = [int(t) for t in r.stdout.split("greedy:")[1].split()]
         logits = np.fromfile(out, dtype=np.float32).reshape(len(prompt) + n - 1, -1)
     return greedy, logits.astype(np.float64), r.stderr
+
+
+def file_model(ckpt, path: str | Path, dtype: torch.dtype = torch.float64) -> MekiForCausalLM:
+    """The model a GGUF holds, in PyTorch: `ckpt`'s architecture in folded form with every tensor
+    read back from the file and dequantized (gguf-py), the table times its scales. A backend running
+    the file computes this model up to its own kernels' rounding (activations quantized for the
+    integer dot products, other summation orders): against it, a backend's error is its own; the
+    quantization's error is this model's against `reference`."""
+    import gguf
+
+    from .quantize import TABLE, file_scales
+    from .write import gguf_name
+
+    reader = gguf.GGUFReader(path)
+    tensors = {t.name: t for t in reader.tensors}
+
+    def values(name: str) -> torch.Tensor:            # [rows, cols], torch's order
+        t = tensors[name]
+        x = gguf.quants.dequantize(np.asarray(t.data), t.tensor_type)
+        return torch.from_numpy(np.array(x, np.float64).reshape([int(n) for n in reversed(t.shape)]))
+
+    c = copy.deepcopy(ckpt.config)
+    c.folded = True
+    model = MekiForCausalLM(c).to(dtype)
+    table, m = values(TABLE), c.d_mem                   # [V, L*m], token-major
+    if (scales := file_scales(reader)) is not None:
+        table = table * torch.from_numpy(scales.astype(np.float64))
+    state = {}
+    for name in model.state_dict():
+        if name.endswith(".meki.table"):
+            il = int(name.split(".")[2])
+            state[name] = table[:, il * m:(il + 1) * m]
+        else:
+            g = gguf_name(name)
+            state[name] = values(g if g in tensors or g != "output.weight" else "token_embd.weight")
+    model.load_state_dict({k: v.to(dtype) for k, v in state.items()})
+    return model.eval()
 
 
 @torch.no_grad()

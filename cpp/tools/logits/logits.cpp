@@ -2,7 +2,7 @@
 // across builds (a cross-compiled build under an emulator, a GPU backend) without Python.
 //
 //   llama-logits -m MODEL -p 1,2,3 -n 32 -o logits.f32 [-f 4,5,...] [-b 64] [-ub 16] [-c 256] [-ngl 0] [-t N]
-//                [--rpc HOST:PORT,...] [--dump NAME:FILE]
+//                [--rpc HOST:PORT,...] [--dump NAME:FILE] [--no-repack]
 //
 // The prompt (token ids) goes through one llama_decode call, split into ubatches of -ub; then
 // -n greedy tokens are chosen, each but the last fed back as a 1-token decode step (with -f, the
@@ -14,6 +14,8 @@
 // --dump appends the float32 values of every graph tensor named NAME (or NAME-<layer>) to FILE,
 // each time the graph computes it (the scheduler's eval callback): e.g. meki_mem, the gathered
 // table rows {L*m, n_tokens} of each ubatch, to check the gather against an independent dequantization.
+// --no-repack keeps the weights in the file's layout (llama.cpp's --no-repack): the CPU's plain
+// kernels, not the repacked (or AMX) ones.
 
 #include "ggml-backend.h"
 #include "llama.h"
@@ -26,7 +28,7 @@
 
 static void usage(const char * argv0) {
     fprintf(stderr, "usage: %s -m MODEL -p ID,ID,... -o OUT.f32 [-n 32] [-f ID,ID,...] [-b 64] [-ub 16] [-c 256] [-ngl 0] [-t 1]"
-                    " [--rpc HOST:PORT,...] [--dump NAME:FILE]\n", argv0);
+                    " [--rpc HOST:PORT,...] [--dump NAME:FILE] [--no-repack]\n", argv0);
     exit(2);
 }
 
@@ -94,9 +96,14 @@ int main(int argc, char ** argv) {
     std::string model_path, out_path, rpc_servers, dump;
     std::vector<llama_token> prompt, forced;
     int n_gen = 32, n_batch = 64, n_ubatch = 16, n_ctx = 256, n_gpu_layers = 0, n_threads = 1;
+    bool repack = true;
 
     for (int i = 1; i < argc; ++i) {
         const std::string arg = argv[i];
+        if (arg == "--no-repack") {
+            repack = false;
+            continue;
+        }
         if (i + 1 >= argc) {
             usage(argv[0]);
         }
@@ -128,6 +135,7 @@ int main(int argc, char ** argv) {
 
     llama_model_params mparams = llama_model_default_params();
     mparams.n_gpu_layers = n_gpu_layers;
+    mparams.use_extra_bufts = repack;
     llama_model * model = llama_model_load_from_file(model_path.c_str(), mparams);
     if (model == nullptr) {
         fprintf(stderr, "error: failed to load %s\n", model_path.c_str());
