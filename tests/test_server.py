@@ -32,7 +32,8 @@ def free_port() -> int:
 @contextlib.contextmanager
 def llama_server(model: Path, log: Path, *args: str):
     """A llama-server on a free loopback port with an f32 KV cache and no flash attention (exact
-    comparisons), its log in `log`: yields (url, process) once /health answers; killed after."""
+    comparisons), its log in `log`: yields (url, process) once /health answers; stopped after
+    (SIGTERM: llama-server flushes its log as it exits, so `log` is whole when the block ends)."""
     port = free_port()
     with open(log, "wb") as out:
         proc = subprocess.Popen([runtime.llama_tool("llama-server"), "-m", model, "--host", "127.0.0.1",
@@ -52,8 +53,12 @@ def llama_server(model: Path, log: Path, *args: str):
             time.sleep(0.1)
         yield url, proc
     finally:
-        proc.kill()
-        proc.wait()
+        proc.terminate()
+        try:
+            proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
 
 
 @pytest.fixture(scope="module")
