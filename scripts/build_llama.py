@@ -203,6 +203,37 @@ def fetch_sdist(version: str) -> Path:
     return tree
 
 
+PATCHES = ROOT / "patches" / "llama.cpp"
+
+
+def patch_header(p: Path) -> dict:
+    """A patch's header, the commit message above its diff (as git format-patch writes it, which
+    git apply skips): subject, body, and its trailers: Kind (meki: the architecture; fix: a
+    general fix; tool: meki-gguf's own test tool), New-file (files of cpp/ that belong to it) and
+    Upstream-has (FILE: TEXT, upstream's own form of the change)."""
+    head = p.read_text().split("\ndiff --git ", 1)[0].removesuffix("\n---")
+    lines = head.splitlines()
+    trailers = [ln.split(": ", 1) for ln in lines if re.match(r"(Kind|New-file|Upstream-has): ", ln)]
+    body = "\n".join(ln for ln in lines[1:] if not re.match(r"(Kind|New-file|Upstream-has): ", ln)).strip()
+    return {"subject": lines[0], "body": body, "kind": next(v for k, v in trailers if k == "Kind"),
+            "new_files": [v for k, v in trailers if k == "New-file"],
+            "upstream_has": next((v for k, v in trailers if k == "Upstream-has"), None)}
+
+
+def series(tree: Path) -> tuple[list[Path], dict[str, str]]:
+    """The patches `tree` needs, in order, and {name: why not} for those whose change the tree has
+    already: a patch's Upstream-has file contains its text (e.g. 0009 on llama.cpp b11434)."""
+    patches, skipped = [], {}
+    for p in sorted(PATCHES.glob("*.patch")):
+        if (has := patch_header(p)["upstream_has"]) is not None:
+            rel, text = has.split(": ", 1)
+            if (tree / rel).is_file() and text in (tree / rel).read_text(errors="replace"):
+                skipped[p.name] = f"upstream has it ({rel}: {text})"
+                continue
+        patches.append(p)
+    return patches, skipped
+
+
 def tree_hash(*paths: Path) -> str:
     h = hashlib.sha256()
     for base in paths:
@@ -319,24 +350,24 @@ def run_ctest(build_dir: Path, only: list[str] | None = None) -> list[str]:
     return re.findall(r"^\s*\d+ - (\S+) \(", failed[1], re.M) if len(failed) == 2 else []
 
 
-def ctest(pristine: Path, files: dict[str, bytes], jobs: int) -> None:
-    """llama.cpp's suite on the patched tree; the failures again on the stock tree. Exits non-zero
-    if a test fails on the patched tree only (ours), or the stock tree could not settle it."""
-    sync_tree(pristine, SRC, files)
-    cmake_build(SRC, CMAKE_DIR, ["llama"], jobs, main_flags())               # configure, the library
-    targets = ctest_targets(CMAKE_DIR)
-    run(["cmake", "--build", str(CMAKE_DIR), "-j", str(jobs), "--target", *targets])
-    failed = run_ctest(CMAKE_DIR)
+def ctest(src: Path, build_dir: Path, pristine: Path, stock: Path, jobs: int) -> None:
+    """llama.cpp's suite on the patched tree `src` (built in `build_dir`); the failures again on
+    the stock tree `pristine` (copied and built in `stock`). Exits non-zero if a test fails on the
+    patched tree only (ours), or the stock tree could not settle it."""
+    cmake_build(src, build_dir, ["llama"], jobs, main_flags())               # configure, the library
+    targets = ctest_targets(build_dir)
+    run(["cmake", "--build", str(build_dir), "-j", str(jobs), "--target", *targets])
+    failed = run_ctest(build_dir)
     if not failed:
         log(f"llama.cpp's suite passes on the patched tree ({len(targets)} test programs; "
             f"not run: {CTEST_OFFLINE} (network))")
         return
     log(f"failed on the patched tree: {', '.join(failed)}; running them on the stock tree")
-    sync_tree(pristine, STOCK_TESTS / "src", {})
-    cmake_build(STOCK_TESTS / "src", STOCK_TESTS / "cmake", ["llama"], jobs, main_flags())
-    run(["cmake", "--build", str(STOCK_TESTS / "cmake"), "-j", str(jobs), "--target",
-         *sorted(set(targets) & set(ctest_targets(STOCK_TESTS / "cmake")))])
-    upstream = set(run_ctest(STOCK_TESTS / "cmake", failed))
+    sync_tree(pristine, stock / "src", {})
+    cmake_build(stock / "src", stock / "cmake", ["llama"], jobs, main_flags())
+    run(["cmake", "--build", str(stock / "cmake"), "-j", str(jobs), "--target",
+         *sorted(set(targets) & set(ctest_targets(stock / "cmake")))])
+    upstream = set(run_ctest(stock / "cmake", failed))
     ours = [t for t in failed if t not in upstream]
     log(f"fail on the stock tree too (upstream's): {', '.join(sorted(upstream)) or 'none'}; "
         f"on the patched tree only (ours): {', '.join(ours) or 'none'}")
@@ -441,16 +472,18 @@ def main() -> None:
     with step(1, f"download the llama-cpp-python {version} source"):
         sdist = fetch_sdist(version)
     pristine = sdist / "vendor" / "llama.cpp"
-    patches = sorted((ROOT / "patches" / "llama.cpp").glob("*.patch"))
+    patches, skipped = series(pristine)
     with step(2, "apply cpp/ and patches/ to its llama.cpp"):
         files = patched_files(pristine, patches, ROOT / "cpp")
     log(f"llama-cpp-python {version}: {len(patches)} patches and "
-        f"{sum(1 for _ in (ROOT / 'cpp').rglob('*.*'))} new files apply to the pinned source")
+        f"{sum(1 for _ in (ROOT / 'cpp').rglob('*.*'))} new files apply to the pinned source"
+        + "".join(f"; {name} not needed: {why}" for name, why in skipped.items()))
     if args.check_patches:
         return
 
     if args.ctest:
-        ctest(pristine, files, args.jobs)
+        sync_tree(pristine, SRC, files)
+        ctest(SRC, CMAKE_DIR, pristine, STOCK_TESTS, args.jobs)
         return
     if args.sanitize:
         if args.vulkan or args.target != os.uname().machine:

