@@ -638,7 +638,10 @@ class Seeds:
         self.megatron = _torch_load(pt)
         self.megatron["args"].model_type = None          # placeholders do not pickle: plain values
         self.megatron["rng_state"] = None
-        self.megatron["model"] = {k: v.clone() for k, v in self.megatron["model"].items()}
+        # the tensors cloned out of the loaded file; the layers' _extra_state entries (None, bytes
+        # or BytesIO in the official checkpoints, save_megatron writes each form) kept as they are
+        self.megatron["model"] = {k: v.clone() if isinstance(v, torch.Tensor) else v
+                                  for k, v in self.megatron["model"].items()}
         with zipfile.ZipFile(pt) as z:
             self.zip_members = [(i.filename, z.read(i)) for i in z.infolist()]
         self.zip_bytes = pt.read_bytes()
