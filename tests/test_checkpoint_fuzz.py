@@ -575,6 +575,16 @@ def test_compressed_or_duplicate_zip_members_are_refused(tmp_path):
     assert "two members named" in outcome(tmp_path / "dup.pt")
 
 
+def test_zip64_locator_of_a_multi_disk_zip(tmp_path):
+    """Found by the checkpoint fuzzer: a ZIP64 end-of-directory locator that claims two disks made
+    zipfile.is_zipfile raise BadZipFile (it returns False for other damage)."""
+    f = save_megatron(init_random(SMALL, seed=0), tmp_path / "m") / "iter_0001000/mp_rank_00/model_optim_rng.pt"
+    data = f.read_bytes()
+    locator = struct.pack("<4sLQL", b"PK\x06\x07", 0, 0, 2)         # disk 0, offset 0, 2 disks
+    f.write_bytes(data[:-22] + locator + data[-22:])                  # before the end-of-directory record
+    assert "is not a readable zip file (zipfiles that span multiple disks" in outcome(f)
+
+
 # --- export-hf after a killed export --------------------------------------------------------------
 
 _EXPORT_CHILD = """

@@ -225,6 +225,8 @@ def torch_load(file: Path):
         size = file.stat().st_size
     except OSError as e:
         raise MekiError(f"cannot read {file}: {first_line(e)}") from None
+    except zipfile.BadZipFile as e:      # is_zipfile raises it for a ZIP64 locator of a multi-disk zip
+        raise MekiError(f"not a checkpoint: {file} is not a readable zip file ({first_line(e)})") from None
     token = _storage_limit.set(size)                 # no storage is larger than the file
     try:
         if mmap:
