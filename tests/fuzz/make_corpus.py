@@ -1,7 +1,9 @@
 #!/usr/bin/env python3
 """Write the fuzzer's seed corpus, tests/fuzz/corpus/: the smallest valid MeKi GGUFs, one per layer
 spec x QK-norm x tied/untied, with several backbone and table types, converted by our converter
-from official-layout checkpoints (random weights), as users' files are made.
+from official-layout checkpoints (random weights), as users' files are made. The q4_0 and q4_1
+tables are written by their default method, scaled: those seeds carry the column scales
+(blk.N.meki_mem_scale), one layer and two.
 
 Also writes tests/fuzz/regressions/: one file per crash the fuzzer found (fixed in
 patches/llama.cpp/0008), made from a seed by the smallest edit that triggers it, with the load error
