@@ -209,28 +209,37 @@ PATCHES = ROOT / "patches" / "llama.cpp"
 def patch_header(p: Path) -> dict:
     """A patch's header, the commit message above its diff (as git format-patch writes it, which
     git apply skips): subject, body, and its trailers: Kind (meki: the architecture; fix: a
-    general fix; tool: meki-gguf's own test tool), New-file (files of cpp/ that belong to it) and
-    Upstream-has (FILE: TEXT, upstream's own form of the change)."""
+    general fix; tool: meki-gguf's own test tool), New-file (files of cpp/ that belong to it),
+    Upstream-has (FILE: TEXT, upstream's own form of the change) and Requires (FILE: TEXT, the
+    upstream code the patch changes, which older trees lack)."""
     head = p.read_text().split("\ndiff --git ", 1)[0].removesuffix("\n---")
     lines = head.splitlines()
-    trailers = [ln.split(": ", 1) for ln in lines if re.match(r"(Kind|New-file|Upstream-has): ", ln)]
-    body = "\n".join(ln for ln in lines[1:] if not re.match(r"(Kind|New-file|Upstream-has): ", ln)).strip()
+    trailer = re.compile(r"(Kind|New-file|Upstream-has|Requires): ")
+    trailers = [ln.split(": ", 1) for ln in lines if trailer.match(ln)]
+    body = "\n".join(ln for ln in lines[1:] if not trailer.match(ln)).strip()
     return {"subject": lines[0], "body": body, "kind": next(v for k, v in trailers if k == "Kind"),
             "new_files": [v for k, v in trailers if k == "New-file"],
-            "upstream_has": next((v for k, v in trailers if k == "Upstream-has"), None)}
+            "upstream_has": next((v for k, v in trailers if k == "Upstream-has"), None),
+            "requires": next((v for k, v in trailers if k == "Requires"), None)}
 
 
 def series(tree: Path) -> tuple[list[Path], dict[str, str]]:
-    """The patches `tree` needs, in order, and {name: why not} for those whose change the tree has
-    already: a patch's Upstream-has file contains its text (e.g. 0009 on llama.cpp b11434)."""
+    """The patches `tree` needs, in order, and {name: why not} for the others: a patch whose change
+    the tree has already (its Upstream-has file contains the text: 0009 on llama.cpp b11434), and
+    one for code the tree does not have yet (its Requires file lacks the text: 0012 on the pin)."""
+    def has(tree_text: str) -> bool:
+        rel, text = tree_text.split(": ", 1)
+        return (tree / rel).is_file() and text in (tree / rel).read_text(errors="replace")
+
     patches, skipped = [], {}
     for p in sorted(PATCHES.glob("*.patch")):
-        if (has := patch_header(p)["upstream_has"]) is not None:
-            rel, text = has.split(": ", 1)
-            if (tree / rel).is_file() and text in (tree / rel).read_text(errors="replace"):
-                skipped[p.name] = f"upstream has it ({rel}: {text})"
-                continue
-        patches.append(p)
+        h = patch_header(p)
+        if h["upstream_has"] is not None and has(h["upstream_has"]):
+            skipped[p.name] = f"upstream has it ({h['upstream_has']})"
+        elif h["requires"] is not None and not has(h["requires"]):
+            skipped[p.name] = f"the tree has no {h['requires']}"
+        else:
+            patches.append(p)
     return patches, skipped
 
 
