@@ -534,6 +534,8 @@ def _megatron_file(tmp_path: Path, edit) -> Path:
     # found by the fuzzer: a bfloat16 tensor's repr spans lines ("dtype=torch.bfloat16" on its own)
     (lambda ck: setattr(ck["args"], "num_layers", torch.zeros([13], dtype=torch.bfloat16)),
      "args.num_layers=tensor([0., 0.,"),
+    # found by the fuzzer: the layer check built list(range(num_layers)), 36 GB for 10**9 (OOM-killed)
+    (lambda ck: setattr(ck["args"], "num_layers", 10**9), "args.num_layers=1000000000 but the checkpoint holds 1 layers"),
 ])
 def test_megatron_values(tmp_path, edit, needle):
     msg = outcome(_megatron_file(tmp_path, edit))

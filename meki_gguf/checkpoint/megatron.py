@@ -318,7 +318,7 @@ def _megatron_config(args: argparse.Namespace, sd: dict, file: Path) -> MekiConf
         raise MekiError(f"{file}: args.padded_vocab_size={padded} but {emb_key} has {vocab} rows")
     # ASCII digits, few of them: int() refuses 4300+ digits (other keys are then "unexpected")
     layers = sorted({int(m.group(1)) for k in sd if (m := re.match(r"decoder\.layers\.([0-9]{1,9})\.", k))})
-    if layers != list(range(c.n_layer)):
+    if len(layers) != c.n_layer or layers != list(range(len(layers))):     # n_layer from the file: no range() of it
         span = f" (decoder.layers.{layers[0]}-{layers[-1]})" if layers else ""
         raise MekiError(f"{file}: args.num_layers={c.n_layer} but the checkpoint holds {len(layers)} layers{span}")
     return c
