@@ -32,7 +32,8 @@ build/<target>/bin; they are for the tools (and for llama-cpp-python through LLA
                      (build/stock-tests) to tell upstream's failures from ours (scripts/check_llama_tests);
   --sanitize         built with clang, AddressSanitizer + UndefinedBehaviorSanitizer and libFuzzer's
                      coverage instrumentation (build/asan): the library, llama-cli, llama-server,
-                     llama-quantize and the load-path fuzzer tests/fuzz/fuzz_load.cpp
+                     llama-quantize, llama-perplexity, llama-logits and the load-path fuzzer
+                     tests/fuzz/fuzz_load.cpp
                      (scripts/check_reliability runs the tests and the fuzzer against it).
 """
 from __future__ import annotations
@@ -96,7 +97,7 @@ TARGETS = {  # name -> (extra CMake flags, Debian packages it needs)
 # The sanitizer build. Every binary uses clang's *shared* ASan runtime, so that the tools and a
 # Python process (which gets the runtime through LD_PRELOAD) use the same one; the libraries also
 # carry libFuzzer's coverage instrumentation, so one build serves the tests and the fuzzer.
-SANITIZE_TOOLS = ["llama-cli", "llama-server", "llama-quantize"]
+SANITIZE_TOOLS = ["llama-cli", "llama-server", "llama-quantize", "llama-perplexity", "llama-logits"]
 SANITIZE_CFLAGS = "-fsanitize=fuzzer-no-link -gline-tables-only"
 SANITIZE_PACKAGES = ["clang", "libclang-rt-14-dev", "libfuzzer-14-dev"]
 
