@@ -139,7 +139,7 @@ def file_model(ckpt, path: str | Path, dtype: torch.dtype = torch.float64) -> Me
             state[name] = table[:, il * m:(il + 1) * m]
         else:
             g = gguf_name(name)
-            state[name] = values(g if g in tensors or g != "output.weight" else "token_embd.weight")
+            state[name] = values("token_embd.weight" if g == "output.weight" and g not in tensors else g)
     model.load_state_dict({k: v.to(dtype) for k, v in state.items()})
     return model.eval()
 

