@@ -48,12 +48,18 @@ CORE = "0"
 N_CLI = 16
 
 
+def preloaded(shim: Path) -> dict:
+    """The environment with the shim preloaded after what is preloaded already (a sanitizer
+    runtime must stay first)."""
+    return {**os.environ, "LD_PRELOAD": " ".join(filter(None, [os.environ.get("LD_PRELOAD"), str(shim)]))}
+
+
 @contextlib.contextmanager
 def load(name: str, shim: Path):
     """The environment of the tools' runs under `name`; a busy loop on CORE while it lasts."""
     p = subprocess.Popen(["taskset", "-c", CORE, sys.executable, "-c", "while True: pass"]) if name == "busy" else None
     try:
-        yield {**os.environ, "LD_PRELOAD": str(shim)} if name == "slow-log" else None
+        yield preloaded(shim) if name == "slow-log" else None
     finally:
         if p:
             p.kill()

@@ -532,10 +532,10 @@ def test_tools_print_their_last_lines(tmp_path):
     (tests/slow_log.c) the tools without the patch lose their last lines in every run: the KL
     summary, the last "next token" lines (scripts/check_tool_output.py runs this 100 times)."""
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
-    from check_tool_output import cli_complete, perplexity_complete, setup
+    from check_tool_output import cli_complete, perplexity_complete, preloaded, setup
 
     shim, ppl, cli = setup(tmp_path)
-    env = {**os.environ, "LD_PRELOAD": str(shim)}
+    env = preloaded(shim)
     assert perplexity_complete(ppl, env), "llama-perplexity lost its KL summary"
     assert cli_complete(cli, env), "llama-cli lost its last tokens"
 
