@@ -15,7 +15,7 @@ import pytest
 FUZZ = Path(__file__).resolve().parent / "fuzz"
 sys.path.insert(0, str(FUZZ))
 
-from make_corpus import REGRESSIONS, SEEDS  # noqa: E402
+from make_corpus import LOADED, REGRESSIONS, SEEDS  # noqa: E402
 
 
 def generate(path: Path) -> subprocess.CompletedProcess:
@@ -28,6 +28,17 @@ def generate(path: Path) -> subprocess.CompletedProcess:
 def test_seed_generates(name):
     r = generate(FUZZ / "corpus" / f"{name}.gguf")
     assert r.returncode == 0, r.stderr
+
+
+@pytest.mark.parametrize("name", sorted(LOADED))
+def test_ub_found_by_the_fuzzer_loads_with_a_warning(name):
+    """The value that reached undefined behaviour only describes the file: it loads, says so, and
+    runs (the sanitized build's replay of the file, scripts/check_reliability step 2, is the UB check)."""
+    path = FUZZ / "regressions" / name
+    r = subprocess.run([sys.executable, "-c", "import sys, llama_cpp; llama_cpp.Llama(sys.argv[1], n_ctx=16)", str(path)],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0 and LOADED[name][2] in r.stderr, (r.returncode, r.stderr[-2000:])
+    assert generate(path).returncode == 0
 
 
 @pytest.mark.parametrize("name", sorted(REGRESSIONS))

@@ -6,8 +6,9 @@ tables are written by their default method, scaled: those seeds carry the column
 (blk.N.meki_mem_scale), one layer and two.
 
 Also writes tests/fuzz/regressions/: one file per crash the fuzzer found (fixed in
-patches/llama.cpp/0008), made from a seed by the smallest edit that triggers it, with the load error
-llama.cpp now gives instead (REGRESSIONS; tests/test_fuzz_regressions.py checks each).
+patches/llama.cpp/0008 and 0013), made from a seed by the smallest edit that triggers it, with the
+load error llama.cpp now gives instead (REGRESSIONS), or the warning of a file that now loads
+(LOADED); tests/test_hostile_gguf.py checks each.
 
 Small on purpose (a 272-token tokenizer, d = m = 32, 1 or 2 layers: 30-80 KB each): libFuzzer mutates
 every byte, and a small file is loaded in milliseconds. Deterministic: re-running it rewrites the
@@ -71,6 +72,16 @@ REGRESSIONS = {
                            "meki.block_count = 0: must be in [1, 512]"),
 }
 
+# name: (seed, edit, the warning llama.cpp now logs): files that load, where the fuzzer found UB
+LOADED = {
+    # general.file_type past enum llama_ftype's range (u32, type 4; f16 is 1): was UB (UBSan: invalid
+    # enum load in llama_model_loader::print_info); fixed in patches/llama.cpp/0013
+    "file-type-out-of-range.gguf": ("local-qk-untied-1l-f16-f16",
+                                    _swap(b"general.file_type\x04\0\0\0\x01\0\0\0",
+                                          b"general.file_type\x04\0\0\0\0\0\0\x51"),
+                                    "invalid general.file_type 1358954496, using the guessed type"),
+}
+
 
 def main() -> None:
     out = HERE / "corpus"
@@ -85,7 +96,7 @@ def main() -> None:
             dst.write_bytes(paths[otype, ttype].read_bytes())
             print(f"{dst.relative_to(HERE.parents[1])}: {dst.stat().st_size} bytes")
     (HERE / "regressions").mkdir(exist_ok=True)
-    for name, (seed, edit, _) in REGRESSIONS.items():
+    for name, (seed, edit, _) in {**REGRESSIONS, **LOADED}.items():
         (HERE / "regressions" / name).write_bytes(edit((out / f"{seed}.gguf").read_bytes()))
 
 
