@@ -70,6 +70,11 @@ REGRESSIONS = {
     "block-count-0.gguf": ("te-noqk-tied-1l-f32-f32", _swap(b"meki.block_count\x04\0\0\0\x01\0\0\0",
                                                             b"meki.block_count\x04\0\0\0\0\0\0\0"),
                            "meki.block_count = 0: must be in [1, 512]"),
+    # meki.attention.key_length 2 (u32; the heads are 16 wide): was GGML_ASSERT(n_embd_head ==
+    # hparams.n_embd_head_k()) in cpp/src/models/meki.cpp's graph, at the first decode
+    "key-length-2.gguf": ("te-noqk-tied-1l-f32-f32", _swap(b"meki.attention.key_length\x04\0\0\0\x10\0\0\0",
+                                                           b"meki.attention.key_length\x04\0\0\0\x02\0\0\0"),
+                          "attention key length 2, value length 16 and rope dimension 2 must be equal"),
 }
 
 # name: (seed, edit, the warning llama.cpp now logs): files that load, where the fuzzer found UB

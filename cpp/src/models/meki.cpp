@@ -25,6 +25,13 @@ void llama_model_meki::load_arch_hparams(llama_model_loader & ml) {
                                  "Megatron-LM layout that no MeKi model has; convert the original checkpoint again");
     }
 
+    // the graph takes one head size for keys, values and the rotation (the asserts in graph()): a
+    // file that says otherwise is a load error, not an abort at the first decode
+    if (hparams.n_embd_head_k() != hparams.n_embd_head_v() || hparams.n_rot() != hparams.n_embd_head_k()) {
+        throw std::runtime_error(format("attention key length %u, value length %u and rope dimension %u must be equal",
+                                        hparams.n_embd_head_k(), hparams.n_embd_head_v(), hparams.n_rot()));
+    }
+
     switch (hparams.n_layer()) {
         case 28: type = hparams.n_embd == 1024 ? LLM_TYPE_0_6B : LLM_TYPE_1_7B; break;
         case 36: type = LLM_TYPE_4B; break;
