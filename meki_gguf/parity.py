@@ -144,6 +144,15 @@ def file_model(ckpt, path: str | Path, dtype: torch.dtype = torch.float64) -> Me
     return model.eval()
 
 
+def file_run(ckpt, path: str | Path, prompt: list[int], n: int) -> tuple[list[int], np.ndarray]:
+    """The model a GGUF holds (`file_model`) on `prompt`: its n greedy tokens, and its logits over the
+    prompt and the first n-1 of them, the sequence a backend is fed (`tool_greedy`'s forced) and
+    the logits it is held to."""
+    model = file_model(ckpt, path)
+    greedy = model.generate_greedy(prompt, n)
+    return greedy, reference_logits(model, prompt + greedy[:-1])
+
+
 @torch.no_grad()
 def reference_logits(model: MekiForCausalLM, ids: list[int]) -> np.ndarray:
     return model(torch.tensor([ids])).logits[0].double().numpy()

@@ -51,9 +51,7 @@ def test_port_quantized_matches_the_file(files, prompt, variant, types):
     file holds (test_targets.py says why that, not another build, is the arbiter), and printed
     beside, the pinned build's figures on the same sequence."""
     _, paths, ckpt = files[variant]
-    model = parity.file_model(ckpt, paths[types])
-    greedy = model.generate_greedy(prompt, N_GEN)
-    expected = parity.reference_logits(model, prompt + greedy[:-1])
+    greedy, expected = parity.file_run(ckpt, paths[types], prompt, N_GEN)
     for name, exe in (("pinned build", runtime.LLAMA_BIN / "llama-logits"), ("port", BIN / "llama-logits")):
         got, logits, _ = parity.tool_greedy(exe, paths[types], prompt, N_GEN, forced=greedy[:-1])
         p = parity.against(prompt, got, logits, expected, greedy)

@@ -304,9 +304,9 @@ def test_vulkan_from_python(files, prompt):
 # 2.0e-4 from the file's model, Vulkan at 6.5e-8. Held to each other (as before), the CPU's
 # rounding sat in Vulkan's bar: one flip of 81 positions on a CPU without AMX failed it.
 
-# backend -> (build, llama-logits arguments); x86 with and without the repacked (or AMX) weights
-BACKENDS = {"x86": ("x86", []), "x86-no-repack": ("x86", ["--no-repack"]), "aarch64": ("aarch64", []),
-            "vulkan": ("vulkan", ["-ngl", "99"])}
+# backend -> (build, tool_greedy's args and env); x86 with and without the repacked (or AMX) weights
+BACKENDS = {"x86": ("x86", {}), "x86-no-repack": ("x86", dict(args=["--no-repack"])), "aarch64": ("aarch64", {}),
+            "vulkan": ("vulkan", vk_args(99))}
 
 
 @pytest.fixture(scope="module")
@@ -318,9 +318,7 @@ def file_runs(files, prompt):
     def get(types):
         if types not in cache:
             _, paths, ckpt = files(RELEASED)
-            model = parity.file_model(ckpt, paths[types])
-            greedy = model.generate_greedy(prompt, N_GEN)
-            cache[types] = greedy, parity.reference_logits(model, prompt + greedy[:-1])
+            cache[types] = parity.file_run(ckpt, paths[types], prompt, N_GEN)
         return cache[types]
     return get
 
@@ -330,12 +328,12 @@ def file_runs(files, prompt):
 def test_quantized_matches_the_file(request, files, file_runs, prompt, types, backend):
     """The backend fed the file's model's own greedy continuation (one sequence for all, whatever the
     CPU): top-1 with the reference's near ties and mean KL within the quantized bars."""
-    build, args = BACKENDS[backend]
+    build, run = BACKENDS[backend]
     emulator = request.getfixturevalue("qemu") if build == "aarch64" else ()
     _, paths, _ = files(RELEASED)
     greedy, expected = file_runs(types)
     got, logits, _ = parity.tool_greedy(tool(build), paths[types], prompt, N_GEN, forced=greedy[:-1], emulator=emulator,
-                                        args=args, env=VK_ENV if build == "vulkan" else None)
+                                        **run)
     p = parity.against(prompt, got, logits, expected, greedy)
     print(f"\n{backend} vs the file's model, {'/'.join(types)}: {p.summary()}")
     check_quantized(p)
