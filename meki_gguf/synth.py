@@ -1,5 +1,8 @@
 """Synthetic random-weight GGUFs at the paper's shapes, for benchmarks: a MeKi model and its dense
 twin (the same backbone without the memory branch and table, written as a stock `qwen3` model).
+Written with gguf-py and numpy alone (no torch), so that a machine with other pins (the GPU
+check, scripts/check_cuda) writes them too; `add_hparams` and `write_atomic` also serve the other
+file written by hand, the trained demo (scripts/train_demo.py).
 
 Speed and memory do not depend on the weights' values, so nothing is quantized: each tensor is
 random bytes in its block layout (q8_0, q4_0, q6_K) with a fixed, sane block scale, streamed
@@ -7,17 +10,18 @@ straight into the file. A 4 GB model is written in about as long as the disk tak
 """
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, replace
 from pathlib import Path
+from types import SimpleNamespace
 
 import gguf
 import numpy as np
 from gguf import GGMLQuantizationType as Q
 
+from .atomic import replace_atomically
 from .errors import MekiError
-from .model import MekiConfig
 from .runtime import read_header
-from .write import add_hparams, write_atomic
 
 
 @dataclass(frozen=True)
@@ -35,10 +39,11 @@ class Shape:
     def dense(self) -> "Shape":
         return replace(self, name=self.name.replace("meki", "dense"), m=0)
 
-    def config(self) -> MekiConfig:
-        return MekiConfig(vocab_size=self.vocab, n_layer=self.n_layer, d_model=self.d, d_mem=self.m,
-                          d_ff=self.ff, n_head=self.n_head, n_kv_head=self.n_kv_head,
-                          head_dim=self.head_dim, max_seq_len=40960)
+    def config(self) -> SimpleNamespace:
+        """The hyperparameters under MekiConfig's names (add_hparams), with its defaults for the rest."""
+        return SimpleNamespace(vocab_size=self.vocab, n_layer=self.n_layer, d_model=self.d, d_mem=self.m,
+                               d_ff=self.ff, n_head=self.n_head, n_kv_head=self.n_kv_head,
+                               head_dim=self.head_dim, max_seq_len=40960, rope_theta=500000.0, norm_eps=1e-6)
 
 
 # the paper's models (docs/METHOD.md); the dense 4B is the quality match of MeKi-1.7B
@@ -86,6 +91,38 @@ class _Random:
             if self.qtype == Q.Q6_K:                                # sub-scales: small positive int8
                 b[:, 192:208] = 64
             b.tofile(f)
+
+
+def add_hparams(w: gguf.GGUFWriter, c) -> None:
+    """The model's hyperparameters (a MekiConfig) as llama.cpp keys of w's architecture; the
+    MeKi keys too when that architecture is MeKi (a dense twin is written as a stock one)."""
+    w.add_context_length(c.max_seq_len)
+    w.add_embedding_length(c.d_model)
+    w.add_block_count(c.n_layer)
+    w.add_feed_forward_length(c.d_ff)
+    w.add_head_count(c.n_head)
+    w.add_head_count_kv(c.n_kv_head)
+    w.add_key_length(c.head_dim)
+    w.add_value_length(c.head_dim)
+    w.add_layer_norm_rms_eps(c.norm_eps)
+    w.add_rope_freq_base(c.rope_theta)
+    if w.arch == "meki":
+        w.add_embedding_length_per_layer_input(c.d_mem)
+
+
+def write_atomic(w: gguf.GGUFWriter, out: Path) -> None:
+    """Write GGUFWriter w's file to `out` atomically (atomic.replace_atomically)."""
+    def write(tmp: Path) -> None:
+        w.write_header_to_file(tmp)
+        w.write_kv_data_to_file()
+        w.write_tensors_to_file()
+        w.flush()
+        os.fsync(w.fout[0].fileno())
+        w.close()
+    try:
+        replace_atomically(out, write)
+    finally:
+        w.close()
 
 
 def write_model(shape: Shape, out: Path, backbone: str = "q8_0", table: str = "q8_0", seed: int = 0,

@@ -178,35 +178,3 @@ class _Converter(MekiModel):
             os.fsync(w.fout[0].fileno())
         finally:
             w.close()
-
-
-def add_hparams(w: gguf.GGUFWriter, c) -> None:
-    """The model's hyperparameters (a MekiConfig) as llama.cpp keys of w's architecture; the
-    MeKi keys too when that architecture is MeKi (a dense twin is written as a stock one)."""
-    w.add_context_length(c.max_seq_len)
-    w.add_embedding_length(c.d_model)
-    w.add_block_count(c.n_layer)
-    w.add_feed_forward_length(c.d_ff)
-    w.add_head_count(c.n_head)
-    w.add_head_count_kv(c.n_kv_head)
-    w.add_key_length(c.head_dim)
-    w.add_value_length(c.head_dim)
-    w.add_layer_norm_rms_eps(c.norm_eps)
-    w.add_rope_freq_base(c.rope_theta)
-    if w.arch == ARCH:
-        w.add_embedding_length_per_layer_input(c.d_mem)
-
-
-def write_atomic(w: gguf.GGUFWriter, out: Path) -> None:
-    """Write GGUFWriter w's file to `out` atomically (atomic.replace_atomically)."""
-    def write(tmp: Path) -> None:
-        w.write_header_to_file(tmp)
-        w.write_kv_data_to_file()
-        w.write_tensors_to_file()
-        w.flush()
-        os.fsync(w.fout[0].fileno())
-        w.close()
-    try:
-        replace_atomically(out, write)
-    finally:
-        w.close()

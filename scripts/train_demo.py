@@ -270,7 +270,8 @@ def write_dense_qwen2(dense_sd: dict, c: MekiConfig, tok_dir: Path, path: Path, 
     import gguf
 
     from meki_gguf.tokenizer import tokenizer_kv
-    from meki_gguf.write import add_hparams, gguf_name, write_atomic
+    from meki_gguf.synth import add_hparams, write_atomic
+    from meki_gguf.write import gguf_name
 
     assert c.n_head * c.head_dim == c.d_model and not c.qk_norm, "qwen2 needs n_head*head_dim == d, no QK-norm"
     w = gguf.GGUFWriter(None, "qwen2")
