@@ -17,7 +17,6 @@ Everything is the real build (build/cmake/bin: rpc-server and llama-logits, GGML
 """
 from __future__ import annotations
 
-import re
 import socket
 import subprocess
 import threading
@@ -27,6 +26,7 @@ from pathlib import Path
 import pytest
 
 from meki_gguf import parity, runtime
+from llama_logs import model_buffers
 from meki_models import TINY, build
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -152,7 +152,7 @@ def test_rpc_buffers_hold_the_backbone_and_the_table_stays_on_the_client(big, pr
     mib = {name: t.nbytes / 2**20 for name, t in tensors.items()}
     table = mib.pop(runtime.TABLE)
     log = parity.tool_greedy(BIN / "llama-logits", path, prompt, 4, args=rpc_args(servers))[2]
-    buffers = [(dev, float(size)) for dev, size in re.findall(r"load_tensors:\s+(\S+) model buffer size =\s+([\d.]+) MiB", log)]
+    buffers = model_buffers(log)
     print(f"\nmodel buffers (MiB): {buffers}; table {table:.2f} MiB, backbone {sum(mib.values()):.2f} MiB")
     rpc = [size for dev, size in buffers if dev.startswith("RPC")]
     assert len(rpc) == 2 and all(size > 0 for size in rpc), "the layers are not split across both servers"

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import shutil
 import subprocess
 import sys
@@ -26,6 +25,7 @@ import pytest
 from meki_gguf import parity, runtime
 from meki_gguf.parity import MAX_MEAN_KL, MAX_REL_ERR, MIN_TOP1
 from meki_gguf.quantize import quantize
+from llama_logs import DEVICE_OPS, OUTSIDE_USE, backend_ops, model_buffers, split_inputs
 from meki_models import TINY, build
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -35,7 +35,6 @@ BUILDS = {"x86": (runtime.LLAMA_BIN, ""),                          # scripts/ins
 # ggml-vulkan skips CPU-type devices such as lavapipe unless they are listed; f16 off as in
 # upstream's lavapipe CI (lavapipe's f16 arithmetic is emulated)
 VK_ENV = {**os.environ, "GGML_VK_VISIBLE_DEVICES": "0", "GGML_VK_DISABLE_F16": "1"}
-VK_MAX_REL_ERR = 1e-3
 N_GEN = 32
 QUANTIZED = [("f16", "q8_0"), ("q4_0", "q4_0")]          # (backbone, table)
 
@@ -176,19 +175,7 @@ def test_vulkan_f32_matches_reference(files, prompt, variant, ngl):
     assert f"offloaded {min(ngl, TINY.n_layer + 1)}/{TINY.n_layer + 1} layers to GPU" in log
     p = parity.against_reference(ref, prompt, greedy, logits)
     print(f"\nVulkan (lavapipe, -ngl {ngl}) f32 vs reference: {p.summary()}")
-    check_reference(p, VK_MAX_REL_ERR)
-
-
-def split_inputs(log: str) -> list[list[tuple[str, str, int]]]:
-    """ggml's scheduler log (GGML_SCHED_DEBUG=1): per graph, the inputs it copies between backends
-    as (backend of the split, tensor name, KiB)."""
-    graphs = []
-    for m in re.finditer(r"^## SPLIT #(\d+): (\S+) # \d+ inputs:?(.*)$", log, re.M):
-        if m.group(1) == "0":
-            graphs.append([])
-        graphs[-1] += [(m.group(2), name.strip(), int(kib))
-                       for name, kib in re.findall(r"\[(.+?) \(\s*(\d+)K\)\]", m.group(3))]
-    return graphs
+    check_reference(p, parity.VULKAN_MAX_REL_ERR)
 
 
 @pytest.mark.parametrize("ngl", [99, 2], ids=["all-layers", "half-the-layers"])
@@ -203,7 +190,7 @@ def test_vulkan_table_stays_on_the_host(big, ngl):
     print(f"\nVulkan (lavapipe, -ngl {ngl}): ", end="")
     check_residency(f)
     log = f["log"]
-    buffers = [(dev, float(size)) for dev, size in re.findall(r"load_tensors:\s+(\S+) model buffer size =\s+([\d.]+) MiB", log)]
+    buffers = model_buffers(log)
     print(f"model buffers (MiB): {buffers}; table {table:.2f} MiB, backbone {sum(mib.values()):.2f} MiB")
     assert ("CPU_Mapped", round(table, 2)) in buffers, "the table is not in a mapped host buffer"
     device = sum(size for dev, size in buffers if dev == "Vulkan0")
@@ -228,50 +215,12 @@ def test_vulkan_table_stays_on_the_host(big, ngl):
     print(f"{len(graphs)} graphs; the gathered rows copied to the device per graph: {sizes} KiB")
 
 
-# The ops the MeKi graph runs on the device (GGML_SCHED_DEBUG=2 lists them), as test-backend-ops
-# -o/-p filters: every case of the cheap ops; ROPE in MeKi's (Qwen3's) NEOX mode; SET_ROWS (the KV
-# cache) into f32 and f16; MUL_MAT for the backbone types, matrix-vector and matrix-matrix (the
-# suite's large MUL_MAT cases take hours on lavapipe). GET_ROWS covers every table type, views
-# (the last layer's output rows are a view of the gathered rows) and ADD strided/broadcast inputs.
-DEVICE_OPS = [("GET_ROWS,ADD,CONT,MUL,RMS_NORM,SIGMOID,SOFT_MAX,SWIGLU", None),
-              ("SET_ROWS", "type_dst=(f32|f16),"),
-              ("ROPE", "type=f32,.*mode=2,"),
-              ("MUL_MAT", "type_a=(f32|f16|q8_0|q4_0),type_b=f32,m=16,n=(1|16),k=256,")]
-# cases lavapipe refuses, outside MeKi's use: bf16 activations (MeKi's are f32); gathers of 70,000
-# rows or index batches and ROPE over 8192-row batches (lavapipe's dispatch limits; MeKi's device-side
-# gather picks at most n_ubatch rows, its ROPE sees n_ubatch tokens); MUL_MAT broadcasting src0
-# over dim 3 (nr=[x,2]; MeKi's grouped-query attention broadcasts over dim 2)
-OUTSIDE_USE = re.compile(r"type(_a)?=bf16|GET_ROWS\(.*(r=70000|be1=700)|ROPE\(.*ne_a=\[\d+,\d+,8192,|MUL_MAT\(.*nr=\[\d,2\]")
-
-
-def backend_ops(ops: str, params: str | None) -> tuple[int, int, list[str], str]:
-    """test-backend-ops on Vulkan0: (cases passed, cases run, cases not supported, log)."""
-    cmd = [tool("vulkan", "test-backend-ops"), "test", "-b", "Vulkan0", "-o", ops] + (["-p", params] if params else [])
-    r = subprocess.run(cmd, capture_output=True, text=True, env=VK_ENV, timeout=900)
-    out = re.sub(r"\x1b\[[0-9;]*m", "", r.stdout + r.stderr)
-    m = re.search(r"(\d+)/(\d+) tests passed", out)
-    passed, total = (int(m.group(1)), int(m.group(2))) if m and r.returncode == 0 else (0, -1)
-    return passed, total, [ln.strip() for ln in out.splitlines() if "not supported" in ln], out
-
-
 @pytest.mark.parametrize("ops,params", DEVICE_OPS, ids=[o.split(",")[0] if p is None else o for o, p in DEVICE_OPS])
 def test_vulkan_backend_ops(ops, params):
-    if ops != "MUL_MAT":
-        results = [backend_ops(ops, params)]
-    else:
-        # one process per case: lavapipe (Mesa 22.3) crashes now and then in its queue thread when
-        # one process runs many of these matrix-vector pipelines in a row (a SIGSEGV/SIGABRT inside
-        # libvulkan_lvp.so while ggml waits on its fence); each case alone runs clean
-        listing = subprocess.run([tool("vulkan", "test-backend-ops"), "support", "-b", "Vulkan0", "-o", ops, "-p", params],
-                                 capture_output=True, text=True, env=VK_ENV, timeout=300).stdout
-        cases = re.findall(r"MUL_MAT\((.*)\): SUPPORTED", re.sub(r"\x1b\[[0-9;]*m", "", listing))
-        assert cases, listing[-2000:]
-        results = [backend_ops(ops, "^" + re.escape(c) + "$") for c in cases]
-    passed, total = sum(r[0] for r in results), sum(r[1] for r in results)
-    unsupported = [u for r in results for u in r[2]]
-    print(f"\ntest-backend-ops -b Vulkan0 -o {ops}{' -p ' + params if params else ''}: {passed}/{total} cases passed "
-          f"in {len(results)} run(s), {len(unsupported)} not supported by lavapipe")
-    failed = [r[3][-2000:] for r in results if r[0] != r[1] or r[1] <= 0]
+    passed, total, unsupported, failed = backend_ops(tool("vulkan", "test-backend-ops"), "Vulkan0", ops, params, VK_ENV,
+                                                   per_case=True)
+    print(f"\ntest-backend-ops -b Vulkan0 -o {ops}{' -p ' + params if params else ''}: {passed}/{total} cases passed, "
+          f"{len(unsupported)} not supported by lavapipe")
     assert not failed, failed[0]
     assert all(OUTSIDE_USE.search(u) for u in unsupported), [u for u in unsupported if not OUTSIDE_USE.search(u)]
 
