@@ -27,6 +27,8 @@ build/<target>/bin; they are for the tools (and for llama-cpp-python through LLA
   --target aarch64   cross-compiled for a phone-class ARM64 CPU (armv8.2-a+dotprod+fp16) with
                      Debian's aarch64-linux-gnu toolchain; run under qemu-aarch64 on x86;
   --vulkan           the Vulkan backend (Mesa's lavapipe runs it without a GPU);
+  --cuda             the CUDA backend for the GPU the machine has (nvidia-smi's compute capability,
+                     or $CUDAARCHS), flash attention's kernels off (scripts/check_cuda);
   --ctest            llama.cpp's own test suite (ctest; LLAMA_BUILD_TESTS) built and run in the patched
                      x86 tree; a test that fails is built and run again in the stock tree
                      (build/stock-tests) to tell upstream's failures from ours (scripts/check_llama_tests);
@@ -91,7 +93,34 @@ TARGETS = {  # name -> (extra CMake flags, Debian packages it needs)
     ], ["gcc-aarch64-linux-gnu", "g++-aarch64-linux-gnu", "qemu-user"]),
     # lavapipe is a CPU-type Vulkan device: ggml-vulkan uses it only with GGML_VK_VISIBLE_DEVICES set
     "vulkan": (["-DGGML_VULKAN=ON"], ["libvulkan-dev", "glslc", "spirv-headers", "mesa-vulkan-drivers"]),
+    # for the GPU of the machine (cuda_arch); CUDA's flash-attention kernels are most of the build's
+    # time and no MeKi check uses them (llama-logits runs without; llama-bench's auto falls back)
+    "cuda": (["-DGGML_CUDA=ON", "-DGGML_CUDA_FA=OFF"], []),
 }
+
+
+def build_target(target: str, jobs: int) -> None:
+    """The tools of another target (TARGETS) from the laid-out tree in SRC, into build/<target>/bin.
+    scripts/check_cuda calls it on a GPU machine with a tree laid out here and carried there."""
+    flags = TARGETS[target][0]
+    if target == "cuda":
+        flags = [*flags, f"-DCMAKE_CUDA_ARCHITECTURES={cuda_arch()}"]
+    with step(3, f"build the patched llama.cpp for {target}"):
+        cmake_build(SRC, BUILD / target, ["llama", *TARGET_TOOLS], jobs, flags)
+    log(f"done: tools in build/{target}/bin")
+
+
+def cuda_arch() -> str:
+    """CMAKE_CUDA_ARCHITECTURES: $CUDAARCHS (CMake's own variable for it), else the compute
+    capability nvidia-smi reports for this machine's GPU (9.0 -> 90: an H100/H200)."""
+    if os.environ.get("CUDAARCHS"):
+        return os.environ["CUDAARCHS"]
+    try:
+        out = subprocess.run(["nvidia-smi", "--query-gpu=compute_cap", "--format=csv,noheader"],
+                             capture_output=True, text=True, check=True).stdout.split()
+    except (OSError, subprocess.CalledProcessError) as e:
+        sys.exit(f"error: --cuda: no NVIDIA GPU found ({e}); set CUDAARCHS (e.g. 90) to build for one elsewhere")
+    return ";".join(sorted({cap.replace(".", "") for cap in out}))
 
 
 # The sanitizer build. Every binary uses clang's *shared* ASan runtime, so that the tools and a
@@ -464,6 +493,8 @@ def main() -> None:
     ap.add_argument("--target", choices=["x86_64", "aarch64"], default=os.uname().machine,
                     help="CPU to build for (aarch64: cross-compiled on x86, into build/aarch64)")
     ap.add_argument("--vulkan", action="store_true", help="the Vulkan backend, into build/vulkan")
+    ap.add_argument("--cuda", action="store_true",
+                    help="the CUDA backend for this machine's GPU, into build/cuda (scripts/check_cuda)")
     ap.add_argument("--sanitize", action="store_true",
                     help="clang with ASan + UBSan and the load-path fuzzer, into build/asan")
     ap.add_argument("--ctest", action="store_true",
@@ -504,15 +535,13 @@ def main() -> None:
         build_fuzzer(BUILD / "asan")
         log("done: sanitized library, tools and fuzzer in build/asan/bin")
         return
-    other = "vulkan" if args.vulkan else args.target if args.target != os.uname().machine else None
+    other = "vulkan" if args.vulkan else "cuda" if args.cuda else args.target if args.target != os.uname().machine else None
     if other:           # the same tree for another target: the tools only, in build/<target>/bin
-        if args.vulkan and args.target != os.uname().machine:
-            sys.exit("error: --vulkan builds for this machine's CPU only")
-        flags, packages = TARGETS[other]
-        apt_install(packages)
+        if (args.vulkan or args.cuda) and args.target != os.uname().machine:
+            sys.exit(f"error: --{other} builds for this machine's CPU only")
+        apt_install(TARGETS[other][1])
         sync_tree(pristine, SRC, files)
-        cmake_build(SRC, BUILD / other, ["llama", *TARGET_TOOLS], args.jobs, flags)
-        log(f"done: tools in build/{other}/bin")
+        build_target(other, args.jobs)
         return
 
     with step(3, "build the patched llama.cpp (libllama and the tools)"):
