@@ -7,7 +7,7 @@
 //   H  = ffn_norm(A)                              A: the residual after attention
 //   v  = mem_l[token] * scale_l + sigmoid(W_gate . H)    scale_l: optional, [m]
 //   y  = rms_norm(W_out . v) * post_norm
-//   A' = A + FFN(H) + y
+//   A' = FFN(H) + (y + A)
 //
 // The tables of all layers are one token-major matrix {n_mem * n_layer, n_vocab}, the layout
 // of Gemma's per-layer embeddings: one token's memory is one contiguous read. It is read
@@ -242,6 +242,16 @@ llama_model_meki::graph::graph(const llama_model_meki & model, const llm_graph_p
         ggml_tensor * ffn_normed = build_norm(ffn_inp, layer.ffn_norm, NULL, LLM_NORM_RMS, il);
         cb(ffn_normed, "ffn_norm", il);
 
+        // the memory branch, parallel to the FFN: its gate reads the FFN's input too. It is added
+        // to the residual first (its output norm, mul and this add are one fused kernel on CUDA
+        // and Vulkan) and put in the graph before the FFN, so that the FFN's down projection is
+        // followed by its residual add, as in a dense layer: GPU backends fuse that add into the
+        // matrix-vector product. Otherwise the branch costs one more kernel per layer in decoding
+        ggml_tensor * y = build_mem_branch(layer, ffn_normed, mem_l, il);
+        ggml_tensor * ffn_res = ggml_add(ctx0, y, ffn_inp);
+        cb(ffn_res, "meki_res", il);
+        ggml_build_forward_expand(gf, ffn_res);
+
         cur = build_ffn(ffn_normed,
                 layer.ffn_up,   NULL, layer.ffn_up_s,
                 layer.ffn_gate, NULL, layer.ffn_gate_s,
@@ -250,11 +260,7 @@ llama_model_meki::graph::graph(const llama_model_meki & model, const llm_graph_p
                 LLM_FFN_SILU, LLM_FFN_PAR, il);
         cb(cur, "ffn_out", il);
 
-        // the memory branch, parallel to the FFN: its gate reads the FFN's input too
-        ggml_tensor * y = build_mem_branch(layer, ffn_normed, mem_l, il);
-
-        cur = ggml_add(ctx0, cur, y);
-        cur = ggml_add(ctx0, cur, ffn_inp);
+        cur = ggml_add(ctx0, cur, ffn_res);
 
         cur = build_cvec(cur, il);
         cb(cur, "l_out", il);
