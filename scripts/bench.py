@@ -2,6 +2,7 @@
 """MeKi vs its dense twin in the patched llama.cpp: speed, RAM and storage reads (a benchmark).
 
     scripts/bench [--rounds N] [--write-docs]
+    scripts/bench --pair 1.7b [--rounds N]     # one pair's warm ratios only (a graph change's check)
 
 1. Writes synthetic random-weight twins at the paper's shapes straight as GGUF (meki_gguf/synth.py,
    cached in build/bench/): MeKi-0.6B/1.7B and their dense twins (the same backbone without the
@@ -148,6 +149,26 @@ def speed(rounds: int, threads: int) -> list[dict]:
                         f"({1e3 * res.get('pp_cpu', 0):6.2f} ms CPU/token)  tg128 {res['tg']:6.2f} t/s "
                         f"({1e3 * res['tg_cpu']:6.1f} ms CPU/token)")
     return rows
+
+
+def pair_ratio(size: str, rounds: int, threads: int) -> None:
+    """--pair: one pair, warm, both backbones, interleaved (the order alternating between rounds):
+    MeKi/dense per round and their median, for a graph change's before/after without the whole run."""
+    meki, dense = f"meki-{size}", f"dense-{size}"
+    rows = {}
+    for r in range(rounds):
+        for bt in BACKBONES:
+            for name in ((meki, dense) if r % 2 == 0 else (dense, meki)):
+                warm(model_path(name, bt))
+                res = measure(model_path(name, bt), threads, "warm")
+                rows.setdefault((bt, name), []).append(res)
+                log(f"round {r} {bt} {name:10} pp512 {res['pp']:7.2f} t/s  tg128 {res['tg']:6.2f} t/s  "
+                    f"(others {res['others']:.1f} CPU s in {res['wall']:.0f} s)")
+    print(f"MeKi-{size} / dense-{size}, warm, {threads} thread(s), {rounds} interleaved rounds, build {res['build']}:")
+    for bt in BACKBONES:
+        for key in ("tg", "pp", "tg_cpu", "pp_cpu"):
+            rs = [(a[key] / b[key]) ** (-1 if key.endswith("_cpu") else 1) for a, b in zip(rows[bt, meki], rows[bt, dense])]
+            print(f"  {bt} {key:6} median {statistics.median(rs):.3f}  rounds {' '.join(f'{x:.3f}' for x in rs)}")
 
 
 def ratios(rows: list[dict]) -> dict:
@@ -393,13 +414,17 @@ def main() -> None:
     ap.add_argument("--regenerate", action="store_true", help="rewrite the cached synthetic models")
     ap.add_argument("--write-docs", action="store_true", help="update docs/BENCHMARKS.md and its plot")
     ap.add_argument("--skip-speed", action="store_true", help="reuse the speed results of the last run")
+    ap.add_argument("--pair", choices=["0.6b", "1.7b"],
+                    help="only this pair's warm speed ratios, both backbones (a graph change's check)")
     ap.add_argument("--probe", type=Path, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.probe:
         print(json.dumps(probe(args.probe, args.threads)))
         return
-
     OUT.mkdir(parents=True, exist_ok=True)
+    if args.pair:
+        make_models(args.regenerate, names=(f"meki-{args.pair}", f"dense-{args.pair}"))
+        return pair_ratio(args.pair, args.rounds, args.threads)
     make_models(args.regenerate)
     res_file = OUT / "results.json"
     if args.skip_speed:
