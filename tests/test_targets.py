@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -223,6 +224,34 @@ def test_vulkan_backend_ops(ops, params):
           f"{len(unsupported)} not supported by lavapipe")
     assert not failed, failed[0]
     assert all(OUTSIDE_USE.search(u) for u in unsupported), [u for u in unsupported if not OUTSIDE_USE.search(u)]
+
+
+def vk_dispatches(path: Path) -> dict[str, int]:
+    """One decode step on lavapipe in the graph's own node order (ggml-vulkan's reordering off: the
+    order CUDA runs it in): {dispatch: count} from ggml-vulkan's perf logger, fused ops by their
+    fused names (MUL_MAT_ADD ...)."""
+    env = {**VK_ENV, "GGML_VK_PERF_LOGGER": "1", "GGML_VK_DISABLE_GRAPH_OPTIMIZE": "1"}
+    log = parity.tool_greedy(tool("vulkan"), path, [1, 2, 3, 4], 2, args=["-ngl", "99"], env=env)[2]
+    last = log.split("Vulkan Timings:")[-1]
+    return {name: int(n) for name, n in re.findall(r"^(.+?): (\d+) x ", last, re.M)}
+
+
+def test_vulkan_fuses_the_residual_add_as_in_the_dense_layer(tmp_path):
+    """The branch costs 5 dispatches a layer in decode (its gate's product, sigmoid, the row's add,
+    its output product, its norm + weight + residual add fused) and 2 a graph (the gather's layer-major
+    copy and the last layer's rows); the FFN's down projection keeps its fused residual add, as in
+    the dense twin (meki.cpp builds the branch first for that; BENCHMARKS.md, "On a GPU")."""
+    from meki_gguf.synth import Shape, write_model
+    from meki_gguf.tokenizer import tokenizer_kv
+    kv = tokenizer_kv(ROOT / "build" / "src" / "models" / "ggml-vocab-qwen2.gguf", 151680)
+    shape = Shape("meki-small", n_layer=4, d=512, m=64, ff=1536, n_head=8, n_kv_head=4, head_dim=64)
+    meki, dense = (vk_dispatches(write_model(s, tmp_path / f"{s.name}.gguf", "q8_0", "q8_0", tokenizer_kv=kv))
+                   for s in (shape, shape.dense()))
+    fused = {k: n for k, n in meki.items() if k.startswith("MUL_MAT_ADD")}
+    print(f"\ndecode dispatches on lavapipe, graph order: MeKi {sum(meki.values())}, dense {sum(dense.values())}; "
+          f"MUL_MAT_ADD {fused}")
+    assert fused == {k: n for k, n in dense.items() if k.startswith("MUL_MAT_ADD")}
+    assert sum(meki.values()) - sum(dense.values()) == 5 * shape.n_layer + 2
 
 
 def test_vulkan_from_python(files, prompt):
