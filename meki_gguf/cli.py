@@ -167,19 +167,26 @@ def export_hf(src: Path, out_dir: Path, tokenizer: Path | None, max_shard_size: 
 @click.option("--allow-requantize", is_flag=True,
               help="Allow re-quantizing tensors that are already quantized (lower quality than "
                    "quantizing from f32/f16).")
+@click.option("--cold-type", metavar="TYPE",
+              help="Two tiers: the table's rows past --hot-rows in this type, the first ones in --table-type "
+                   "(docs/FORMAT.md). Token ids of Qwen's vocabulary follow frequency: its first 16,384 hold "
+                   "~90% of English and code tokens.")
+@click.option("--hot-rows", type=int, metavar="N", help="Two tiers: how many rows (the first token ids) are hot.")
 @click.option("-t", "--threads", type=int, help="Threads for llama-quantize (default: all cores).")
 def quantize(src: Path, out: Path, table_type: str, table_method: str, backbone_type: str | None,
-             allow_requantize: bool, threads: int | None):
+             allow_requantize: bool, cold_type: str | None, hot_rows: int | None, threads: int | None):
     """Write the MeKi GGUF SRC to OUT with the table in --table-type and the backbone in --type.
 
     The table's type is independent of the backbone's. The work is the patched llama-quantize's,
     which leaves the table alone unless named (--tensor-type meki_mem=TYPE). Quantize from an
-    f32/f16 table (`convert --table-type f32`). OUT appears complete or not at all.
+    f32/f16 table (`convert --table-type f32`). With --cold-type and --hot-rows the table is
+    written in two tiers, the frequent tokens' rows in --table-type and the others in --cold-type.
+    OUT appears complete or not at all.
     """
     from .quantize import quantize as run
 
     run(src, out, table_type, backbone_type, allow_requantize=allow_requantize, threads=threads,
-        method=None if table_method == "auto" else table_method)
+        method=None if table_method == "auto" else table_method, cold_type=cold_type, hot_rows=hot_rows)
     click.echo(f"wrote {out} ({_size(out.stat().st_size)})")
 
 
@@ -205,13 +212,18 @@ def inspect(file: Path):
     if table is None:
         raise MekiError(f"{file}: MeKi GGUF without the table meki_mem.weight")
     n_tok = kv.get("tokenizer.ggml.tokens", 0)              # an array: its length
-    V = int(table.shape[1])
+    cold = tensors.get("meki_mem_cold.weight")              # a two-tier table's cold rows
+    tiers = [t for t in (table, cold) if t is not None]
+    V = sum(int(t.shape[1]) for t in tiers)
     types: dict[str, int] = {}
     for t in tensors.values():
-        if t is not table:
+        if t not in tiers:
             types[t.type.name.lower()] = types.get(t.type.name.lower(), 0) + 1
-    ram = sum(t.nbytes for t in tensors.values() if t is not table)
-    block, type_size = gguf.GGML_QUANT_SIZES[table.type]
+    ram = sum(t.nbytes for t in tensors.values() if t not in tiers)
+
+    def row_bytes(t) -> int:
+        block, type_size = gguf.GGML_QUANT_SIZES[t.type]
+        return L * m // block * type_size
     ftype = kv.get("general.file_type")
     if kv.get("meki.memory.gate_on_residual") is True:      # llama.cpp refuses it: say so here too
         raise MekiError(f"{file}: {LEGACY_GATE_KEY}")
@@ -227,14 +239,22 @@ def inspect(file: Path):
         ("tokenizer", f"{kv.get('tokenizer.ggml.model', 'none')} (pre {kv.get('tokenizer.ggml.pre', '-')}), "
                       f"{n_tok} tokens"),
         ("types", f"backbone {', '.join(f'{c} {n}' for n, c in sorted(types.items()))}"
-                  f"{f' (file type {ftype})' if ftype is not None else ''}; table {table.type.name.lower()}"),
-        ("in RAM", f"{_size(ram)} in {len(tensors) - 1} tensors"),
-        ("table", f"meki_mem.weight {{{L}*{m}, {V}}} {table.type.name.lower()}: "
+                  f"{f' (file type {ftype})' if ftype is not None else ''}; table "
+                  f"{'/'.join(t.type.name.lower() for t in tiers)}"),
+        ("in RAM", f"{_size(ram)} in {len(tensors) - len(tiers)} tensors"),
+        ("table", f"meki_mem.weight {{{L}*{m}, {int(table.shape[1])}}} {table.type.name.lower()}: "
                   f"{_size(table.nbytes)}, read by row"
                   f"{'; columns stored divided by blk.N.meki_mem_scale (scaled)' if 'blk.0.meki_mem_scale.weight' in tensors else ''}"
                   f"{'; weighted rounding' if kv.get('quantize.imatrix.file') == IMPORTANCE else ''}"),
-        ("per token", f"{L * m} table values = {L * m // block * type_size} bytes read"),
     ]
+    if cold is not None:
+        order = "a stored row order (meki.memory.row_order)" if "meki.memory.row_order" in kv else "the token ids' order"
+        bits = 8 * sum(t.nbytes for t in tiers) / (V * L * m)
+        rows += [("cold tier", f"meki_mem_cold.weight {{{L}*{m}, {int(cold.shape[1])}}} {cold.type.name.lower()}: "
+                               f"{_size(cold.nbytes)}; the hot tier holds the first {int(table.shape[1]):,} rows of "
+                               f"{order}; {bits:.2f} bits per value in all")]
+    each = [f"{row_bytes(t)}" + (f" ({t.type.name.lower()})" if cold is not None else "") for t in tiers]
+    rows.append(("per token", f"{L * m} table values = {' or '.join(each)} bytes read"))
     for k, v in rows:
         click.echo(f"{k:<10} {v}")
 

@@ -134,7 +134,7 @@ def file_model(ckpt, path: str | Path, dtype: torch.dtype | None = None) -> Meki
     import torch
 
     from .model import MekiForCausalLM
-    from .quantize import TABLE, file_scales
+    from .quantize import COLD, ROW_ORDER, TABLE, file_scales
     from .write import gguf_name
     dtype = dtype or torch.float64
 
@@ -150,6 +150,10 @@ def file_model(ckpt, path: str | Path, dtype: torch.dtype | None = None) -> Meki
     c.folded = True
     model = MekiForCausalLM(c).to(dtype)
     table, m = values(TABLE), c.d_mem                   # [V, L*m], token-major
+    if COLD in tensors:                                 # two tiers: the rows in the row order
+        table = torch.cat([table, values(COLD)])
+        if ROW_ORDER in reader.fields:
+            table = table[torch.from_numpy(np.asarray(reader.fields[ROW_ORDER].contents(), np.int64))]
     if (scales := file_scales(reader)) is not None:
         table = table * torch.from_numpy(scales.astype(np.float64))
     state = {}

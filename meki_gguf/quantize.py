@@ -24,6 +24,8 @@ from .errors import MekiError
 from .runtime import llama_tool, read_header
 
 TABLE = "meki_mem.weight"
+COLD = "meki_mem_cold.weight"               # a two-tier table's cold rows (TABLE: the hot ones)
+ROW_ORDER = "meki.memory.row_order"         # u32 [V]: token -> row of the tiers (absent: the token id)
 SCALE = "blk.{}.meki_mem_scale.weight"      # per layer, [m] f32: the graph multiplies the gathered rows by it
 IMPORTANCE = "meki-table-importance.gguf"   # the importance file's name, as llama-quantize records it
 FLOAT_TYPES = ("f32", "f16", "bf16")
@@ -57,14 +59,14 @@ def block_size(type_name: str) -> int:
     return gguf.GGML_QUANT_SIZES[Q[type_name.upper()]][0]
 
 
-def check_table_type(name: str, m: int) -> str:
+def check_table_type(name: str, m: int, option: str = "--table-type") -> str:
     """The lower-case table type, if the table of a model with memory width m can have it."""
     t = name.lower()
     if t not in TABLE_TYPES:
-        raise MekiError(f"--table-type {name}: not a type the table can have "
+        raise MekiError(f"{option} {name}: not a type the table can have "
                         f"(choose from {', '.join(TABLE_TYPES)})")
     if m % block_size(t):
-        raise MekiError(f"--table-type {t}: its blocks of {block_size(t)} values do not divide the memory "
+        raise MekiError(f"{option} {t}: its blocks of {block_size(t)} values do not divide the memory "
                         f"width m = {m} (each layer's slice of a row is quantized on its own)")
     return t
 
@@ -77,12 +79,18 @@ def check_backbone_type(name: str) -> str:
 
 
 def read_table_info(path: Path) -> tuple[str, int]:
-    """(the table's type, m) of the MeKi GGUF at path."""
+    """(the table's type, m) of the MeKi GGUF at path (a two-tier table: its hot tier's type)."""
     kv, tensors = read_header(path, meki=True)
     m = kv.get("meki.embedding_length_per_layer_input")
     if m is None or TABLE not in tensors:
         raise MekiError(f"{path}: MeKi GGUF without its table {TABLE} or meki.embedding_length_per_layer_input")
     return tensors[TABLE].type.name.lower(), int(m)
+
+
+def table_tiers(path: Path) -> list[tuple[str, int]]:
+    """[(type, rows)] of the table's tiers: one, or the hot and the cold one (docs/FORMAT.md)."""
+    _, tensors = read_header(path, meki=True)
+    return [(tensors[n].type.name.lower(), int(tensors[n].shape[1])) for n in (TABLE, COLD) if n in tensors]
 
 
 def methods_for(table_type: str) -> list[str]:
@@ -107,13 +115,32 @@ def method_of(table_type: str, method: str | None = None) -> str:
 
 
 def quantize(src: str | Path, out: str | Path, table_type: str, backbone_type: str | None = None,
-             allow_requantize: bool = False, threads: int | None = None, method: str | None = None) -> Path:
+             allow_requantize: bool = False, threads: int | None = None, method: str | None = None,
+             cold_type: str | None = None, hot_rows: int | None = None, row_order: np.ndarray | None = None) -> Path:
     """Write `src` to `out` with the table in `table_type` and the backbone in llama-quantize's
     `backbone_type` (None: as it is). method: one of METHODS (None: the type's measured default).
-    The file appears complete or not at all."""
+    Two tiers (docs/FORMAT.md): the first `hot_rows` rows of `row_order` (token -> row; None: the
+    token ids) in `table_type`, the others in `cold_type`, one method and one set of scales for
+    both (scaled unless both types' defaults are plain). The file appears complete or not at all."""
     src, out = Path(src), Path(out)
     cur, m = read_table_info(src)
     table_type = check_table_type(table_type, m)
+    tiers = table_tiers(src)
+    if cold_type is not None:
+        cold_type = check_table_type(cold_type, m, "--cold-type")
+        V = tiers[0][1]
+        if hot_rows is None or not 0 < hot_rows < tiers[0][1]:
+            raise MekiError(f"--hot-rows: a two-tier table needs between 1 and {V - 1} hot rows (not {hot_rows})")
+        if row_order is not None and not np.array_equal(np.sort(row_order), np.arange(V)):
+            raise MekiError(f"the row order is not a permutation of the table's {V} rows")
+        if method is None:
+            method = "plain" if method_of(table_type) == method_of(cold_type) == "plain" else "scaled"
+        method_of(cold_type, method)                      # (the cold type may need weights)
+    elif hot_rows is not None or row_order is not None:
+        raise MekiError("--hot-rows and a row order make a two-tier table: give its cold type (--cold-type)")
+    if len(tiers) > 1:
+        raise MekiError(f"the table of {src} is already in two tiers ({tiers[0][0]}, {tiers[1][0]}): convert "
+                        f"again with --table-type f32 and quantize that")
     method = method_of(table_type, method)
     ftype = check_backbone_type(backbone_type) if backbone_type else "COPY"
     if cur != table_type and cur not in FLOAT_TYPES:
@@ -141,17 +168,23 @@ def quantize(src: str | Path, out: str | Path, table_type: str, backbone_type: s
             raise MekiError(f"llama-quantize failed: {reason}")
 
     def write(tmp: Path) -> None:          # llama-quantize truncates and writes the locked temp file
-        table = ["--tensor-type", f"{TABLE.removesuffix('.weight')}={table_type}"]
+        # (a regex each: the first that matches a tensor's name gives its type)
+        table = (["--tensor-type", f"{TABLE.removesuffix('.weight')}={table_type}"] if cold_type is None else
+                 ["--tensor-type", f"{TABLE.removesuffix('.weight')}\\.weight={table_type}",
+                  "--tensor-type", f"{COLD.removesuffix('.weight')}={cold_type}"])
         with tempfile.TemporaryDirectory(prefix=".meki-quantize-", dir=out.parent) as work:
             reader = gguf.GGUFReader(src)
             step, scales = src, file_scales(reader)
             if method == "scaled" and scales is None and cur in FLOAT_TYPES:
                 step = Path(work) / "scaled.gguf"
                 scales = write_scaled(src, step)
+            if cold_type is not None:
+                step = write_tiers(step, Path(work) / "tiers.gguf", hot_rows, row_order)
             weights = []
-            if method != "plain" and table_type in WEIGHTED:
+            if method != "plain" and (table_type in WEIGHTED or cold_type in WEIGHTED):
                 # named relative to `work` (the tool's cwd): llama-quantize records the name in the file
-                write_importance(Path(work) / IMPORTANCE, np.ones(int(_table(reader)[0].shape[0])) if scales is None else scales)
+                write_importance(Path(work) / IMPORTANCE, np.ones(int(_table(reader)[0].shape[0])) if scales is None else scales,
+                                 (TABLE,) if cold_type is None else (TABLE, COLD))
                 weights = ["--imatrix", IMPORTANCE]
             if weights and ftype != "COPY":
                 # an importance file changes llama-quantize's choice of types for the backbone, and
@@ -162,9 +195,10 @@ def quantize(src: str | Path, out: str | Path, table_type: str, backbone_type: s
             else:
                 ftype_table = ftype
             run([*weights, *table, str(Path(step).resolve()), str(Path(tmp).resolve()), ftype_table], cwd=work)
-        got, _ = read_table_info(tmp)
-        if got != table_type:                               # the tool's rules must leave no doubt
-            raise MekiError(f"llama-quantize wrote the table as {got}, not {table_type}")
+        got = [t for t, _ in table_tiers(tmp)]
+        want = [table_type] + ([cold_type] if cold_type else [])
+        if got != want:                                     # the tool's rules must leave no doubt
+            raise MekiError(f"llama-quantize wrote the table as {'/'.join(got)}, not {'/'.join(want)}")
         with open(tmp, "rb") as f:
             os.fsync(f.fileno())
     replace_atomically(out, write)
@@ -225,9 +259,11 @@ def column_scales(table: gguf.ReaderTensor, chunk: int = 8192) -> np.ndarray:
     return s
 
 
-def rewrite(src: Path, dst: Path, replace: dict | None = None, add: dict | None = None, drop: tuple = ()) -> Path:
+def rewrite(src: Path, dst: Path, replace: dict | None = None, add: dict | None = None, drop: tuple = (),
+            add_kv: dict | None = None) -> Path:
     """Copy the GGUF `src` to `dst`: every key, every tensor as it is except those `replace`d (by
-    an array or a gguf.LazyChunkedTensor) or dropped, then the `add`ed ones."""
+    an array or a gguf.LazyChunkedTensor) or dropped, then the `add`ed ones; `add_kv`: keys to add
+    ({key: (value, GGUFValueType, sub-type or None)})."""
     replace, add = replace or {}, add or {}
     reader = gguf.GGUFReader(src)
     w = gguf.GGUFWriter(dst, arch=reader.fields[gguf.Keys.General.ARCHITECTURE].contents())
@@ -236,6 +272,8 @@ def rewrite(src: Path, dst: Path, replace: dict | None = None, add: dict | None 
             continue
         vt = f.types[0]
         w.add_key_value(f.name, f.contents(), vt, sub_type=f.types[-1] if vt == gguf.GGUFValueType.ARRAY else None)
+    for key, (value, vt, sub) in (add_kv or {}).items():
+        w.add_key_value(key, value, vt, sub_type=sub)
     for t in reader.tensors:
         if t.name in replace:
             w.add_tensor(t.name, replace[t.name])
@@ -262,16 +300,33 @@ def write_scaled(src: Path, dst: Path) -> np.ndarray:
     return s
 
 
-def write_importance(path: Path, scales: np.ndarray) -> Path:
-    """An importance file (llama-imatrix's GGUF form) with one entry, the table's: scales^2."""
+def write_tiers(src: Path, dst: Path, hot_rows: int, row_order: np.ndarray | None = None) -> Path:
+    """Copy the MeKi GGUF `src` (a one-tier float table) to `dst` with its table in two tiers:
+    TABLE the first `hot_rows` rows of the row order (token -> row; None: the token ids), COLD the
+    rest (f32), and the order as ROW_ORDER when given (docs/FORMAT.md)."""
+    table, n_layer, m = _table(gguf.GGUFReader(src))
+    V, n = int(table.shape[1]), 8192
+    token_of_row = np.arange(V) if row_order is None else np.argsort(row_order)
+
+    def tier(lo: int, hi: int) -> gguf.LazyChunkedTensor:
+        rows = [lambda a=a: np.asarray(table.data[token_of_row[a:min(a + n, hi)]], np.float32) for a in range(lo, hi, n)]
+        return gguf.LazyChunkedTensor(rows, shape=(hi - lo, n_layer * m), dtype=np.float32)
+    kv = {} if row_order is None else {ROW_ORDER: ([int(r) for r in row_order], gguf.GGUFValueType.ARRAY,
+                                                   gguf.GGUFValueType.UINT32)}
+    return rewrite(src, dst, replace={TABLE: tier(0, hot_rows)}, add={COLD: tier(hot_rows, V)}, add_kv=kv)
+
+
+def write_importance(path: Path, scales: np.ndarray, tables: tuple[str, ...] = (TABLE,)) -> Path:
+    """An importance file (llama-imatrix's GGUF form) with an entry per table tensor: scales^2."""
     weights = np.square(scales.astype(np.float64))
     w = gguf.GGUFWriter(path, arch="imatrix")
     w.add_type("imatrix")
     w.add_array("imatrix.datasets", ["meki-gguf: the table's column scales squared (meki_gguf/quantize.py)"])
     w.add_uint32("imatrix.chunk_count", 1)
     w.add_uint32("imatrix.chunk_size", 1)
-    w.add_tensor(TABLE + ".in_sum2", (weights / weights.mean()).astype(np.float32))
-    w.add_tensor(TABLE + ".counts", np.ones(1, np.float32))
+    for name in tables:
+        w.add_tensor(name + ".in_sum2", (weights / weights.mean()).astype(np.float32))
+        w.add_tensor(name + ".counts", np.ones(1, np.float32))
     w.write_header_to_file()
     w.write_kv_data_to_file()
     w.write_tensors_to_file()

@@ -15,7 +15,7 @@ import pytest
 FUZZ = Path(__file__).resolve().parent / "fuzz"
 sys.path.insert(0, str(FUZZ))
 
-from make_corpus import LOADED, REGRESSIONS, SEEDS  # noqa: E402
+from make_corpus import HOSTILE, LOADED, REGRESSIONS, SEEDS  # noqa: E402
 
 
 def generate(path: Path) -> subprocess.CompletedProcess:
@@ -41,13 +41,13 @@ def test_ub_found_by_the_fuzzer_loads_with_a_warning(name):
     assert generate(path).returncode == 0
 
 
-@pytest.mark.parametrize("name", sorted(REGRESSIONS))
-def test_crash_found_by_the_fuzzer_is_a_load_error(name):
+@pytest.mark.parametrize("name", sorted(REGRESSIONS) + sorted(HOSTILE))
+def test_crash_found_by_the_fuzzer_or_a_hostile_file_is_a_load_error(name):
     path = FUZZ / "regressions" / name
     r = subprocess.run([sys.executable, "-c", "import sys, llama_cpp; llama_cpp.Llama(sys.argv[1], n_ctx=16)", str(path)],
                        capture_output=True, text=True, timeout=120)
     assert r.returncode == 1 and "ValueError: Failed to load model" in r.stderr, (r.returncode, r.stderr[-2000:])
-    assert REGRESSIONS[name][2] in r.stderr                  # llama.cpp's log (verbose by default)
+    assert {**REGRESSIONS, **HOSTILE}[name][2] in r.stderr   # llama.cpp's log (verbose by default)
     r = generate(path)
     lines = r.stderr.strip().splitlines()
     assert r.returncode == 1 and len(lines) == 1 and lines[0].startswith("error: "), (r.returncode, r.stderr[-2000:])

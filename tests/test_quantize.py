@@ -4,6 +4,7 @@ errors for types the table cannot have, and an output that appears complete or n
 from __future__ import annotations
 
 import fcntl
+import re
 import sys
 import subprocess
 from pathlib import Path
@@ -15,9 +16,10 @@ from click.testing import CliRunner
 
 from meki_gguf.checkpoint import Checkpoint
 from meki_gguf.cli import main
+from meki_gguf.errors import MekiError
 from meki_gguf.model import MekiConfig, init_random
-from meki_gguf.quantize import (SCALE, TABLE, TABLE_TYPES, file_scales, llama_tool, method_of, methods_for,
-                                quantize, rewrite)
+from meki_gguf.quantize import (COLD, ROW_ORDER, SCALE, TABLE, TABLE_TYPES, file_scales, llama_tool, method_of,
+                                methods_for, quantize, rewrite, table_tiers)
 from meki_gguf.tokenizer import tiny_tokenizer_dir
 from meki_gguf.write import write_gguf
 
@@ -216,6 +218,52 @@ def test_gathered_rows_are_the_dequantized_table(tmp_path, wide, table_type, met
         # the scales are each column's RMS over the vocabulary, and the stored columns have RMS 1
         src = table_f32(wide)
         np.testing.assert_allclose(scales, np.sqrt(np.square(src, dtype=np.float64).mean(0)), rtol=1e-6)
+
+
+TIERS = [("q8_0", "q4_0", False), ("q5_k", "iq2_s", True)]       # (hot, cold, a stored row order)
+
+
+@pytest.mark.parametrize("hot, cold, order", TIERS, ids=[f"{h}-{c}{'-order' if o else ''}" for h, c, o in TIERS])
+def test_two_tier_gathered_rows_are_each_tiers_rows(tmp_path, wide, hot, cold, order):
+    """A two-tier table (docs/FORMAT.md): llama.cpp's gather takes each token's row from its tier,
+    equal within one ulp to that tier dequantized here, through the stored row order if any; the
+    scales (one set for both tiers) multiply both."""
+    V, L, m = WIDE.vocab_size, WIDE.n_layer, WIDE.d_mem
+    row_order = np.random.default_rng(3).permutation(V) if order else None
+    out = quantize(wide, tmp_path / "t.gguf", hot, cold_type=cold, hot_rows=100, row_order=row_order)
+    assert table_tiers(out) == [(hot, 100), (cold, V - 100)]
+    r = gguf.GGUFReader(out)
+    ts = {t.name: t for t in r.tensors}
+    tiered = np.concatenate([dequantize(ts[TABLE]).reshape(-1, L * m), dequantize(ts[COLD]).reshape(-1, L * m)])
+    row = np.arange(V) if row_order is None else np.asarray(r.fields[ROW_ORDER].contents())
+    assert (ROW_ORDER in r.fields) == order and np.array_equal(row, np.arange(V) if row_order is None else row_order)
+    ids = [0, 1, 2, 7, 99, 100, 101, 255, 256, 300, 511, 5, 5] + list(range(17, 512, 13))[:51]   # both tiers
+    assert {int(row[i]) < 100 for i in ids} == {True, False}
+    want = tiered[row[ids]]
+    assert within_one_ulp(gathered(out, tmp_path, ids, "meki_mem").reshape(len(ids), L * m), want)
+    scales = file_scales(r)
+    assert scales is not None                                     # both types' defaults are scaled
+    got = gathered(out, tmp_path, ids, "meki_mem_scaled").reshape(L, len(ids), m)
+    assert within_one_ulp(got, (want * scales).reshape(len(ids), L, m).transpose(1, 0, 2))
+
+
+@pytest.mark.parametrize("kw, needle", [
+    (dict(hot_rows=100), "give its cold type (--cold-type)"),
+    (dict(cold_type="q4_0"), "a two-tier table needs between 1 and 511 hot rows (not None)"),
+    (dict(cold_type="q4_0", hot_rows=512), "a two-tier table needs between 1 and 511 hot rows (not 512)"),
+    (dict(cold_type="q4_0", hot_rows=10, row_order=np.zeros(512, np.int64)), "not a permutation of the table's 512 rows"),
+    (dict(cold_type="q5_k", hot_rows=10), "--cold-type q5_k: its blocks of 256 values do not divide the memory width m = 32"),
+])
+def test_bad_two_tier_specs(tmp_path, src, kw, needle):
+    with pytest.raises(MekiError, match=re.escape(needle)):
+        quantize(src, tmp_path / "t.gguf", "q8_0", **kw)
+    assert not (tmp_path / "t.gguf").exists()
+
+
+def test_a_two_tier_table_is_not_tiered_again(tmp_path, src):
+    tiers = quantize(src, tmp_path / "t.gguf", "q8_0", cold_type="q4_0", hot_rows=100)
+    with pytest.raises(MekiError, match="already in two tiers"):
+        quantize(tiers, tmp_path / "u.gguf", "q4_0")
 
 
 def test_weighted_and_scaled_lower_the_kld(tmp_path, wide):

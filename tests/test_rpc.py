@@ -23,9 +23,11 @@ import threading
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from meki_gguf import parity, runtime
+from meki_gguf.quantize import quantize
 from llama_logs import model_buffers
 from meki_models import TINY, build
 
@@ -122,7 +124,12 @@ def rpc_args(servers) -> list[str]:
 
 @pytest.fixture(scope="module")
 def files(tmp_path_factory, tok):
-    _, paths = build(tmp_path_factory.mktemp("rpc"), tok, TINY, types=(("f32", "f32"), ("f16", "q8_0")))
+    root = tmp_path_factory.mktemp("rpc")
+    _, paths = build(root, tok, TINY, types=(("f32", "f32"), ("f16", "q8_0")))
+    # two tiers (docs/FORMAT.md): a third of the rows in q8_0 by a random row order, the rest q4_0
+    paths["f32", "q8_0+q4_0"] = quantize(paths["f32", "f32"], root / "tiers.gguf", "q8_0", cold_type="q4_0",
+                                         hot_rows=TINY.vocab_size // 3,
+                                         row_order=np.random.default_rng(0).permutation(TINY.vocab_size))
     return paths
 
 
@@ -139,9 +146,10 @@ def test_rpc_f32_matches_the_cpu_build(files, prompt, servers):
     assert p.top1 == 1.0 and p.max_rel_err <= 1e-5 and p.greedy == p.greedy_ref
 
 
-def test_rpc_quantized_matches_the_cpu_build(files, prompt, servers):
-    p = rpc_vs_cpu(files["f16", "q8_0"], prompt, servers)
-    print(f"\nRPC (2 servers) vs CPU, f16 backbone + q8_0 table: {p.summary()}")
+@pytest.mark.parametrize("types", [("f16", "q8_0"), ("f32", "q8_0+q4_0")], ids=["f16-q8_0", "f32-two-tier"])
+def test_rpc_quantized_matches_the_cpu_build(files, prompt, servers, types):
+    p = rpc_vs_cpu(files[types], prompt, servers)
+    print(f"\nRPC (2 servers) vs CPU, {types[0]} backbone + {types[1]} table: {p.summary()}")
     assert p.top1_holds(parity.MIN_TOP1) and p.mean_kl <= parity.MAX_MEAN_KL
 
 

@@ -21,6 +21,7 @@ import sys
 from dataclasses import replace
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from meki_gguf import parity, runtime
@@ -37,7 +38,8 @@ BUILDS = {"x86": (runtime.LLAMA_BIN, ""),                          # scripts/ins
 # upstream's lavapipe CI (lavapipe's f16 arithmetic is emulated)
 VK_ENV = {**os.environ, "GGML_VK_VISIBLE_DEVICES": "0", "GGML_VK_DISABLE_F16": "1"}
 N_GEN = 32
-QUANTIZED = [("f16", "q8_0"), ("q4_0", "q4_0")]          # (backbone, table)
+# (backbone, table); q8_0+q4_0: two tiers, a third of the rows in q8_0 by a random row order
+QUANTIZED = [("f16", "q8_0"), ("q4_0", "q4_0"), ("q4_0", "q8_0+q4_0")]
 
 pytestmark = pytest.mark.targets
 
@@ -73,6 +75,9 @@ def files(tmp_path_factory, tok):
             ckpt, paths = build(root, tok, replace(TINY, dyn_norm=te, qk_norm=qk, tied=tied),
                                 types=(("f32", "f32"), ("f16", "q8_0")))
             paths["q4_0", "q4_0"] = quantize(paths["f32", "f32"], root / "q4_0-q4_0.gguf", "q4_0", "q4_0")
+            paths["q4_0", "q8_0+q4_0"] = quantize(paths["f32", "f32"], root / "tiers.gguf", "q8_0", "q4_0",
+                                                  cold_type="q4_0", hot_rows=TINY.vocab_size // 3,
+                                                  row_order=np.random.default_rng(0).permutation(TINY.vocab_size))
             cache[v] = parity.reference(ckpt), paths, ckpt
         return cache[v]
     return get

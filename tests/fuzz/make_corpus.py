@@ -8,7 +8,8 @@ tables are written by their default method, scaled: those seeds carry the column
 Also writes tests/fuzz/regressions/: one file per crash the fuzzer found (fixed in
 patches/llama.cpp/0008 and 0013), made from a seed by the smallest edit that triggers it, with the
 load error llama.cpp now gives instead (REGRESSIONS), or the warning of a file that now loads
-(LOADED); tests/test_hostile_gguf.py checks each.
+(LOADED); and the hostile two-tier files (HOSTILE): tiers or a row order that do not fit the
+vocabulary. tests/test_hostile_gguf.py checks each.
 
 Small on purpose (a 272-token tokenizer, d = m = 32, 1 or 2 layers: 30-80 KB each): libFuzzer mutates
 every byte, and a small file is loaded in milliseconds. Deterministic: re-running it rewrites the
@@ -24,9 +25,11 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 
+import numpy as np  # noqa: E402
 from meki_models import build  # noqa: E402
 
 from meki_gguf.model import MekiConfig  # noqa: E402
+from meki_gguf.quantize import quantize  # noqa: E402
 from meki_gguf.tokenizer import tiny_tokenizer_dir  # noqa: E402
 
 N_TOK = 272                                   # the byte alphabet, 13 merges, the 3 special tokens
@@ -37,7 +40,10 @@ SEEDS = {  # name: (Transformer Engine spec (G has an input norm), QK-norm, tied
     "local-noqk-tied-2l-f16-q4_0": (False, False, True, 2, "f16", "q4_0"),
     "local-qk-tied-2l-q8_0-q8_0": (False, True, True, 2, "q8_0", "q8_0"),
     "te-qk-tied-1l-bf16-q4_1": (True, True, True, 1, "bf16", "q4_1"),
+    # two tiers (docs/FORMAT.md): half the rows q8_0, half q4_0, in a stored row order (reversed ids)
+    "local-qk-tied-2l-f16-q8_0+q4_0": (False, True, True, 2, "f16", "q8_0+q4_0"),
 }
+TWO_TIER = "local-qk-tied-2l-f16-q8_0+q4_0"
 
 
 
@@ -77,6 +83,23 @@ REGRESSIONS = {
                           "attention key length 2, value length 16 and rope dimension 2 must be equal"),
 }
 
+# name: (seed, edit, llama.cpp's load error): two-tier files whose tiers or row order do not fit the
+# vocabulary (the tokens' rows are checked at load, not at the first token that meets them)
+_ORDER = b"meki.memory.row_order" + struct.pack("<IIQ", 9, 4, N_TOK)          # array of u32, then the rows
+_COLD = b"meki_mem_cold.weight" + struct.pack("<I", 2)                         # 2 dims, then ne0 = L*m, ne1
+HOSTILE = {
+    "two-tier-no-cold-tier.gguf": (TWO_TIER, _swap(b"meki_mem_cold.weight", b"meki_mem_cxld.weight"),
+                                   "meki_mem.weight has 136 rows for a vocabulary of 272 and there is no "
+                                   "meki_mem_cold.weight for the other 136"),
+    # the cold tier's bytes as 68 rows of 128 values: 136 + 68 rows for 272 tokens
+    "two-tier-rows-do-not-add-up.gguf": (TWO_TIER, _swap(_COLD + struct.pack("<QQ", 64, 136), _COLD + struct.pack("<QQ", 128, 68)),
+                                         "tensor 'meki_mem_cold.weight' has wrong shape; expected     64,    136, got    128,     68"),
+    "two-tier-order-repeats-a-row.gguf": (TWO_TIER, _swap(_ORDER + struct.pack("<II", 271, 270), _ORDER + struct.pack("<II", 270, 270)),
+                                          "meki.memory.row_order is not a permutation of the 272 rows: token 1 has row 270, another token's"),
+    "two-tier-order-out-of-range.gguf": (TWO_TIER, _swap(_ORDER + struct.pack("<I", 271), _ORDER + struct.pack("<I", 272)),
+                                         "meki.memory.row_order is not a permutation of the 272 rows: token 0 has row 272, out of range"),
+}
+
 # name: (seed, edit, the warning llama.cpp now logs): files that load, where the fuzzer found UB
 LOADED = {
     # general.file_type past enum llama_ftype's range (u32, type 4; f16 is 1): was UB (UBSan: invalid
@@ -96,12 +119,18 @@ def main() -> None:
         for i, (name, (te, qk, tied, n_layer, otype, ttype)) in enumerate(SEEDS.items()):
             c = MekiConfig(vocab_size=N_TOK, n_layer=n_layer, d_model=32, d_mem=32, d_ff=32, n_head=2, n_kv_head=1,
                            head_dim=16, max_seq_len=64, qk_norm=qk, tied=tied, dyn_norm=te)
-            _, paths = build(Path(tmp) / name, tok, c, types=((otype, ttype),), trained=False, seed=i)
             dst = out / f"{name}.gguf"
-            dst.write_bytes(paths[otype, ttype].read_bytes())
+            if "+" in ttype:                          # two tiers, from the f32 table
+                hot, cold = ttype.split("+")
+                _, paths = build(Path(tmp) / name, tok, c, types=((otype, "f32"),), trained=False, seed=i)
+                quantize(paths[otype, "f32"], dst, hot, cold_type=cold, hot_rows=N_TOK // 2,
+                         row_order=np.arange(N_TOK)[::-1].copy())
+            else:
+                _, paths = build(Path(tmp) / name, tok, c, types=((otype, ttype),), trained=False, seed=i)
+                dst.write_bytes(paths[otype, ttype].read_bytes())
             print(f"{dst.relative_to(HERE.parents[1])}: {dst.stat().st_size} bytes")
     (HERE / "regressions").mkdir(exist_ok=True)
-    for name, (seed, edit, _) in {**REGRESSIONS, **LOADED}.items():
+    for name, (seed, edit, _) in {**REGRESSIONS, **LOADED, **HOSTILE}.items():
         (HERE / "regressions" / name).write_bytes(edit((out / f"{seed}.gguf").read_bytes()))
 
 

@@ -60,7 +60,49 @@ void llama_model_meki::load_arch_tensors(llama_model_loader & ml) {
     if (params.lazy_mode == LLAMA_LAZY_MODE_AUTO) {
         ml.lazy.mode = LLAMA_LAZY_MODE_ON;
     }
-    per_layer_tok_embd = create_tensor(tn(LLM_TENSOR_MEKI_MEM, "weight"), {n_mem * n_layer, n_vocab}, TENSOR_READ_LAZY);
+
+    // a two-tier table (docs/FORMAT.md) keeps the rows of the frequent tokens in meki_mem, in a type
+    // with more bits, and the others in meki_mem_cold: the first n_hot rows of the row order
+    // (meki.memory.row_order, else the token ids) and the rest, each one contiguous read per token
+    const std::string hot_name = tn(LLM_TENSOR_MEKI_MEM, "weight"), cold_name = tn(LLM_TENSOR_MEKI_MEM_COLD, "weight");
+    const ggml_tensor * hot_meta = ml.get_tensor_meta(hot_name.c_str());
+    const int64_t n_hot = hot_meta ? hot_meta->ne[1] : n_vocab;   // (no table: create_tensor says so)
+    if (n_hot < 1 || n_hot > n_vocab) {
+        throw std::runtime_error(format("%s has %lld rows for a vocabulary of %lld", hot_name.c_str(), (long long) n_hot, (long long) n_vocab));
+    }
+    if (n_hot < n_vocab && ml.get_tensor_meta(cold_name.c_str()) == nullptr) {
+        throw std::runtime_error(format("%s has %lld rows for a vocabulary of %lld and there is no %s for the other %lld",
+                                        hot_name.c_str(), (long long) n_hot, (long long) n_vocab, cold_name.c_str(), (long long) (n_vocab - n_hot)));
+    }
+    if (n_hot == n_vocab && ml.get_tensor_meta(cold_name.c_str()) != nullptr) {
+        throw std::runtime_error(format("%s has a row for every token: %s has no rows left to hold", hot_name.c_str(), cold_name.c_str()));
+    }
+    per_layer_tok_embd = create_tensor(tn(LLM_TENSOR_MEKI_MEM, "weight"), {n_mem * n_layer, n_hot}, TENSOR_READ_LAZY);
+    if (n_hot < n_vocab) {
+        mem_cold = create_tensor(tn(LLM_TENSOR_MEKI_MEM_COLD, "weight"), {n_mem * n_layer, n_vocab - n_hot}, TENSOR_READ_LAZY);
+    }
+
+    // the row order: a permutation of the rows, so that the hot tier holds the frequent tokens where
+    // token ids do not follow frequency; checked whole here, not at the first token that meets it
+    const int64_t kid = gguf_find_key(ml.metadata, "meki.memory.row_order");
+    if (kid >= 0) {
+        const bool u32 = gguf_get_kv_type(ml.metadata, kid) == GGUF_TYPE_ARRAY &&
+                         gguf_get_arr_type(ml.metadata, kid) == GGUF_TYPE_UINT32;
+        if (!u32 || (int64_t) gguf_get_arr_n(ml.metadata, kid) != n_vocab) {
+            throw std::runtime_error(format("meki.memory.row_order must be an array of %lld u32 rows, one per token", (long long) n_vocab));
+        }
+        const auto * rows = (const uint32_t *) gguf_get_arr_data(ml.metadata, kid);
+        std::vector<bool> seen(n_vocab, false);
+        mem_row.resize(n_vocab);
+        for (int64_t t = 0; t < n_vocab; ++t) {
+            if ((int64_t) rows[t] >= n_vocab || seen[rows[t]]) {
+                throw std::runtime_error(format("meki.memory.row_order is not a permutation of the %lld rows: token %lld has row %u, %s",
+                                                (long long) n_vocab, (long long) t, rows[t], (int64_t) rows[t] >= n_vocab ? "out of range" : "another token's"));
+            }
+            seen[rows[t]] = true;
+            mem_row[t] = (int32_t) rows[t];
+        }
+    }
 
     for (int i = 0; i < n_layer; ++i) {
         auto & layer = layers[i];
@@ -129,16 +171,85 @@ public:
     const ggml_tensor * mem;
 };
 
+// a two-tier table or a stored row order: each token's row in the hot tier and in the cold one,
+// and which of them it is in (1 or 0), from the token ids; the other tier's row is its row 0,
+// gathered and multiplied by 0. Prefetches the rows the ubatch uses, in both tiers
+class llm_graph_input_meki_rows : public llm_graph_input_i {
+public:
+    llm_graph_input_meki_rows(const llama_model_meki & model, bool prefetch) : model(model), prefetch(prefetch) {}
+
+    void set_input(const llama_ubatch * ubatch) override {
+        const int64_t n_hot = model.per_layer_tok_embd->ne[1];
+        const uint32_t n = ubatch->n_tokens;
+        std::vector<int32_t> hot(n), cold(n), hot_used, cold_used;
+        std::vector<float> in_hot(n), in_cold(n);
+        for (uint32_t i = 0; i < n; ++i) {
+            const int32_t t = ubatch->token[i];
+            const int32_t r = model.mem_row.empty() ? t : model.mem_row[t];
+            const bool is_hot = r < n_hot;
+            hot[i]     = is_hot ? r : 0;
+            cold[i]    = is_hot ? 0 : r - (int32_t) n_hot;
+            in_hot[i]  = is_hot ? 1.0f : 0.0f;
+            in_cold[i] = is_hot ? 0.0f : 1.0f;
+            (is_hot ? hot_used : cold_used).push_back(is_hot ? hot[i] : cold[i]);
+        }
+        if (prefetch) {
+            llama_prefetch_rows(model.per_layer_tok_embd, hot_used.data(), hot_used.size());
+            llama_prefetch_rows(model.mem_cold, cold_used.data(), cold_used.size());
+        }
+        ggml_backend_tensor_set(rows_hot, hot.data(), 0, n * sizeof(int32_t));
+        if (rows_cold) {
+            ggml_backend_tensor_set(rows_cold, cold.data(), 0, n * sizeof(int32_t));
+            ggml_backend_tensor_set(sel_hot,  in_hot.data(),  0, n * sizeof(float));
+            ggml_backend_tensor_set(sel_cold, in_cold.data(), 0, n * sizeof(float));
+        }
+    }
+
+    bool can_reuse(const llm_graph_params & params) override {
+        return params.ubatch.token != nullptr && rows_hot->ne[0] == params.ubatch.n_tokens;
+    }
+
+    ggml_tensor * rows_hot  = nullptr;   // I32 [n_tokens]
+    ggml_tensor * rows_cold = nullptr;   // I32 [n_tokens], two tiers only
+    ggml_tensor * sel_hot   = nullptr;   // F32 [1, n_tokens], two tiers only
+    ggml_tensor * sel_cold  = nullptr;   // F32 [1, n_tokens], two tiers only
+
+    const llama_model_meki & model;
+    const bool prefetch;
+};
+
 // one gather per ubatch: every layer's memory row of every token, returned layer-major,
 // {n_mem, n_tokens, n_layer}
 ggml_tensor * llama_model_meki::graph::build_inp_mem(const llama_model_meki & model) {
     if (!ubatch.token) {
         throw std::runtime_error("MeKi needs token ids: its memory table is indexed by token, not by embedding");
     }
-    if (model.can_prefetch.count(model.per_layer_tok_embd)) {
-        res->add_input(std::make_unique<llm_graph_input_meki_prefetch>(model.per_layer_tok_embd));
+    const bool prefetch = model.can_prefetch.count(model.per_layer_tok_embd) > 0;
+    ggml_tensor * mem;
+    if (model.mem_cold == nullptr && model.mem_row.empty()) {
+        if (prefetch) {
+            res->add_input(std::make_unique<llm_graph_input_meki_prefetch>(model.per_layer_tok_embd));
+        }
+        mem = ggml_get_rows(ctx0, model.per_layer_tok_embd, res->t_inp_tokens);
+    } else {
+        auto inp = std::make_unique<llm_graph_input_meki_rows>(model, prefetch);
+        inp->rows_hot = ggml_new_tensor_1d(ctx0, GGML_TYPE_I32, n_tokens);
+        ggml_set_input(inp->rows_hot);
+        mem = ggml_get_rows(ctx0, model.per_layer_tok_embd, inp->rows_hot);
+        if (model.mem_cold) {
+            // a select as two multiplies and an add: each token's row times 1 plus the other tier's
+            // row 0 times 0, exactly the row (a per-ubatch gather of n_tokens rows, on the host)
+            inp->rows_cold = ggml_new_tensor_1d(ctx0, GGML_TYPE_I32, n_tokens);
+            inp->sel_hot   = ggml_new_tensor_2d(ctx0, GGML_TYPE_F32, 1, n_tokens);
+            inp->sel_cold  = ggml_new_tensor_2d(ctx0, GGML_TYPE_F32, 1, n_tokens);
+            ggml_set_input(inp->rows_cold);
+            ggml_set_input(inp->sel_hot);
+            ggml_set_input(inp->sel_cold);
+            ggml_tensor * cold = ggml_get_rows(ctx0, model.mem_cold, inp->rows_cold);
+            mem = ggml_add(ctx0, ggml_mul(ctx0, mem, inp->sel_hot), ggml_mul(ctx0, cold, inp->sel_cold));
+        }
+        res->add_input(std::move(inp));
     }
-    ggml_tensor * mem = ggml_get_rows(ctx0, model.per_layer_tok_embd, res->t_inp_tokens);
     cb(mem, "meki_mem", -1);
 
     // the gather runs on the host, where the table is; with layers offloaded, the scheduler copies
