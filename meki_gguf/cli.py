@@ -76,13 +76,20 @@ def main():
               help="The GGUF file to write (written atomically: it appears complete or not at all).")
 @click.option("--outtype", default="f16", show_default=True, metavar="TYPE",
               help="Type of the 2-D backbone tensors: f32, f16, bf16 or q8_0 (norms are always f32).")
-@click.option("--table-type", default="f16", show_default=True, metavar="TYPE",
+@click.option("--table-type", metavar="TYPE",
               help="Type of the memory table: f32, f16, bf16, or any type of `meki-gguf quantize` "
-                   "(quantized with that type's best method, as `quantize` does).")
+                   "(quantized with that type's best method, as `quantize` does). Default: f16.")
+@click.option("--table-bits", type=float, metavar="BITS",
+              help="Instead of --table-type: a budget in bits per value, as `quantize --table-bits`.")
+@click.option("--cold-type", metavar="TYPE", help="Two tiers, as `quantize --cold-type`.")
+@click.option("--hot-rows", type=int, metavar="N", help="Two tiers, as `quantize --hot-rows`.")
+@click.option("--row-order-text", type=click.Path(exists=True, dir_okay=False, path_type=Path), metavar="FILE",
+              help="Two tiers, as `quantize --row-order-text`.")
 @click.option("--tokenizer", type=click.Path(exists=True, path_type=Path), metavar="PATH",
               help="A GGUF to copy the tokenizer from, or a Hugging Face tokenizer folder (Qwen3's). "
                    "Default: the checkpoint folder's own tokenizer.json, if any.")
-def convert(src: Path, out: Path, outtype: str, table_type: str, tokenizer: Path | None):
+def convert(src: Path, out: Path, outtype: str, table_type: str | None, table_bits: float | None,
+            cold_type: str | None, hot_rows: int | None, row_order_text: Path | None, tokenizer: Path | None):
     """Convert the MeKi checkpoint SRC to a MeKi GGUF.
 
     SRC is a Megatron-LM checkpoint (the root with latest_checkpointed_iteration.txt, an
@@ -98,10 +105,14 @@ def convert(src: Path, out: Path, outtype: str, table_type: str, tokenizer: Path
     from .checkpoint import load_checkpoint
     from .write import OUT_TYPES, TABLE_TYPES, parse_type, write_gguf
 
+    tiers = dict(table_bits=table_bits, cold_type=cold_type, hot_rows=hot_rows, row_order_text=row_order_text)
+    table_type = table_type or (None if table_bits is not None else "f16")
     parse_type(outtype, OUT_TYPES, "--outtype")                 # fail before a long load
-    parse_type(table_type, TABLE_TYPES, "--table-type")
+    if table_type is not None:
+        parse_type(table_type, TABLE_TYPES, "--table-type")
     ckpt = load_checkpoint(src)
-    write_gguf(ckpt, out, outtype=outtype, table_type=table_type, tokenizer=tokenizer)
+    write_gguf(ckpt, out, outtype=outtype, table_type=table_type, tokenizer=tokenizer,
+               tiers=tiers if any(v is not None for v in tiers.values()) else None)
     click.echo(f"wrote {out} ({_size(out.stat().st_size)})")
 
 
@@ -152,11 +163,14 @@ def export_hf(src: Path, out_dir: Path, tokenizer: Path | None, max_shard_size: 
 @main.command()
 @click.argument("src", type=click.Path(exists=True, dir_okay=False, path_type=Path))
 @click.argument("out", type=click.Path(dir_okay=False, path_type=Path))
-@click.option("--table-type", required=True, metavar="TYPE",
+@click.option("--table-type", metavar="TYPE",
               help="Type of the memory table: f32, f16, bf16, q8_0, q6_k, q5_k, q5_1, q5_0, q4_k, q4_1, "
                    "q4_0, iq4_xs, iq4_nl, mxfp4, nvfp4, q3_k, iq3_s, iq3_xxs, q2_k, iq2_s, iq2_xs, q2_0, "
                    "iq2_xxs, tq2_0, iq1_m, tq1_0, iq1_s or q1_0; its block must divide the memory width m. "
-                   "docs/BENCHMARKS.md recommends one per storage budget.")
+                   "docs/BENCHMARKS.md recommends one per storage budget. With --cold-type: the hot rows' type.")
+@click.option("--table-bits", type=float, metavar="BITS",
+              help="Instead of --table-type: a budget in bits per value; the measured recommendation for it "
+                   "(one type from 4.5 bits, two tiers below; docs/BENCHMARKS.md).")
 @click.option("--table-method", type=click.Choice(["auto", "plain", "weighted", "scaled"]), default="auto",
               show_default=True,
               help="How the table is rounded: auto (the type's best measured method), plain (llama.cpp's "
@@ -172,9 +186,13 @@ def export_hf(src: Path, out_dir: Path, tokenizer: Path | None, max_shard_size: 
                    "(docs/FORMAT.md). Token ids of Qwen's vocabulary follow frequency: its first 16,384 hold "
                    "~90% of English and code tokens.")
 @click.option("--hot-rows", type=int, metavar="N", help="Two tiers: how many rows (the first token ids) are hot.")
+@click.option("--row-order-text", type=click.Path(exists=True, dir_okay=False, path_type=Path), metavar="FILE",
+              help="Two tiers: order the rows by the tokens' frequency in FILE (stored in the file), for a "
+                   "vocabulary or language whose token ids do not follow frequency.")
 @click.option("-t", "--threads", type=int, help="Threads for llama-quantize (default: all cores).")
-def quantize(src: Path, out: Path, table_type: str, table_method: str, backbone_type: str | None,
-             allow_requantize: bool, cold_type: str | None, hot_rows: int | None, threads: int | None):
+def quantize(src: Path, out: Path, table_type: str | None, table_bits: float | None, table_method: str,
+             backbone_type: str | None, allow_requantize: bool, cold_type: str | None, hot_rows: int | None,
+             row_order_text: Path | None, threads: int | None):
     """Write the MeKi GGUF SRC to OUT with the table in --table-type and the backbone in --type.
 
     The table's type is independent of the backbone's. The work is the patched llama-quantize's,
@@ -183,10 +201,11 @@ def quantize(src: Path, out: Path, table_type: str, table_method: str, backbone_
     written in two tiers, the frequent tokens' rows in --table-type and the others in --cold-type.
     OUT appears complete or not at all.
     """
-    from .quantize import quantize as run
+    from .quantize import quantize as run, table_spec
 
-    run(src, out, table_type, backbone_type, allow_requantize=allow_requantize, threads=threads,
-        method=None if table_method == "auto" else table_method, cold_type=cold_type, hot_rows=hot_rows)
+    run(src, out, backbone_type=backbone_type, allow_requantize=allow_requantize, threads=threads,
+        method=None if table_method == "auto" else table_method,
+        **table_spec(src, table_type, table_bits, cold_type, hot_rows, row_order_text))
     click.echo(f"wrote {out} ({_size(out.stat().st_size)})")
 
 

@@ -93,6 +93,74 @@ def table_tiers(path: Path) -> list[tuple[str, int]]:
     return [(tensors[n].type.name.lower(), int(tensors[n].shape[1])) for n in (TABLE, COLD) if n in tensors]
 
 
+# --table-bits B: what a budget of B bits per value gets, from the measurements (docs/BENCHMARKS.md,
+# "Two tiers of rows"): one type from 4.5 bits; below, two tiers, the hot type for the frequent rows
+# and the cold one for the rest, with as many hot rows as the budget pays for.
+BUDGETS = ((4.5, "q4_k", None), (2.57, "q6_k", "iq2_s"), (1.76, "q6_k", "iq1_m"))
+
+
+def bits_per_value(type_name: str) -> float:
+    blk, size = gguf.GGML_QUANT_SIZES[Q[type_name.upper()]]
+    return 8 * size / blk
+
+
+def budget_tiers(bits: float, V: int, m: int) -> tuple[str, str | None, int | None]:
+    """(table type, cold type, hot rows) of the measured recommendation for `bits` bits per value
+    (BUDGETS): the hot rows are as many as fit the budget (a table of V rows, memory width m)."""
+    def fits(*types) -> tuple:
+        if any(m % block_size(t) for t in types if t):
+            raise MekiError(f"--table-bits {bits:g}: its recommendation ({'/'.join(t for t in types if t)}) needs the "
+                            f"memory width m = {m} to be a multiple of 256: choose --table-type")
+        return types
+    for least, hot, cold in BUDGETS:
+        if bits >= least and cold is None:
+            return fits(hot, None) + (None,)
+        if cold is not None and bits > bits_per_value(cold):
+            bh, bc = bits_per_value(hot), bits_per_value(cold)
+            k = min(V - 1, int(V * (bits - bc) / (bh - bc)))
+            if k >= 1:
+                return fits(hot, cold) + (k,)
+    raise MekiError(f"--table-bits {bits}: the smallest table measured is {bits_per_value(BUDGETS[-1][2]):.2f} bits "
+                    f"per value ({BUDGETS[-1][2]}); give more bits")
+
+
+def table_spec(src: Path, table_type: str | None = None, table_bits: float | None = None, cold_type: str | None = None,
+               hot_rows: int | None = None, row_order_text: Path | None = None) -> dict:
+    """quantize()'s table arguments (table_type, cold_type, hot_rows, row_order) from the command
+    line's: a type, or a budget in bits per value (budget_tiers); a row order from a text."""
+    if (table_type is None) == (table_bits is None):
+        raise MekiError("give the table's type (--table-type) or a budget in bits per value (--table-bits), not both")
+    if table_bits is not None:
+        if cold_type or hot_rows:
+            raise MekiError("--table-bits chooses the tiers itself: no --cold-type or --hot-rows with it")
+        table_type, cold_type, hot_rows = budget_tiers(table_bits, sum(n for _, n in table_tiers(src)), read_table_info(src)[1])
+        print(f"--table-bits {table_bits:g}: " + (table_type if cold_type is None else
+              f"{hot_rows:,} hot rows in {table_type}, the others in {cold_type}"), file=sys.stderr)
+    if row_order_text and not cold_type:
+        raise MekiError("--row-order-text orders the rows of two tiers: give --cold-type and --hot-rows (or --table-bits)")
+    return {"table_type": table_type, "cold_type": cold_type, "hot_rows": hot_rows,
+            "row_order": row_order_from_text(src, row_order_text) if row_order_text else None}
+
+
+def row_order_from_text(model: Path, text: Path) -> np.ndarray:
+    """A row order measured on a text (docs/FORMAT.md): the model's tokens of `text` by frequency,
+    the most frequent first (ties by id), then the tokens the text does not use, by id;
+    row_order[token] = row."""
+    from .runtime import load
+    llm = load(model, n_ctx=16, vocab_only=True)
+    V = llm.n_vocab()
+    try:
+        ids = np.asarray(llm.tokenize(Path(text).read_bytes(), add_bos=False, special=False), np.int64)
+    except OSError as e:
+        raise MekiError(f"--row-order-text {text}: {e.strerror}") from None
+    if len(ids) == 0:
+        raise MekiError(f"--row-order-text {text}: no tokens in it")
+    token_of_row = np.lexsort((np.arange(V), -np.bincount(ids, minlength=V)))
+    order = np.empty(V, np.int64)
+    order[token_of_row] = np.arange(V)
+    return order
+
+
 def methods_for(table_type: str) -> list[str]:
     """The methods that give a table of this type different bytes: plain (unless the type needs
     weights), weighted (if its quantizer has a weighted search), scaled; a float type: plain."""

@@ -28,7 +28,7 @@ from conversion.meki import MekiModel
 
 from .atomic import replace_atomically
 from .errors import MekiError
-from .quantize import FLOAT_TYPES, TABLE_TYPES, method_of, quantize
+from .quantize import FLOAT_TYPES, TABLE_TYPES, method_of, quantize, table_spec
 from .checkpoint.hf import HF_META
 from .fold import FOLDED
 from .model import MekiForCausalLM
@@ -109,14 +109,16 @@ def source_dir(path: str | Path) -> Path:
     return p
 
 
-def write_gguf(ckpt, out_path: str | Path, outtype: str = "f16", table_type: str = "f16",
+def write_gguf(ckpt, out_path: str | Path, outtype: str = "f16", table_type: str | None = "f16",
                tokenizer: str | Path | None = None, fold_dtype: torch.dtype = torch.float32,
-               chunk: int | None = None, progress: bool | None = None) -> Path:
+               chunk: int | None = None, progress: bool | None = None, tiers: dict | None = None) -> Path:
     """Write `ckpt` (checkpoint.Checkpoint) as a MeKi GGUF. tokenizer: a GGUF or HF tokenizer
-    folder; None = the checkpoint folder's own HF tokenizer (error if it has none)."""
+    folder; None = the checkpoint folder's own HF tokenizer (error if it has none). tiers: a
+    two-tier table or a budget (quantize.table_spec's table_bits, cold_type, hot_rows,
+    row_order_text), rounded from the f32 table as `meki-gguf quantize` does."""
     c, tensors, out = ckpt.config, ckpt.tensors, Path(out_path)
     otype = parse_type(outtype, OUT_TYPES, "--outtype")
-    ttype = parse_type(table_type, TABLE_TYPES, "--table-type")
+    ttype = parse_type(table_type, TABLE_TYPES, "--table-type") if table_type is not None else Q.F32
     _check_rows(ttype, c.d_mem, "m (memory width; each layer's slice is quantized on its own)", "--table-type")
     for name in check_layout(tensors, c):                   # llama.cpp's converter would fall back to f16
         if (gname := gguf_name(name)) is not None and tensors[name].dim() == 2:
@@ -133,15 +135,18 @@ def write_gguf(ckpt, out_path: str | Path, outtype: str = "f16", table_type: str
     def converter(table: Q) -> _Converter:
         return _Converter(ckpt, tok_kv, ftype=OUT_TYPES[outtype.lower()], table_type=table, fold_dtype=fold_dtype,
                           chunk=chunk, progress=progress)
-    if table_type.lower() in FLOAT_TYPES or (method_of(table_type.lower()) == "plain" and table_type.lower() in DIRECT):
+    if tiers is None and (table_type.lower() in FLOAT_TYPES or
+                          (method_of(table_type.lower()) == "plain" and table_type.lower() in DIRECT)):
         replace_atomically(out, converter(ttype).write_to)          # gguf-py rounds as llama-quantize's plain path
         return out
     with tempfile.TemporaryDirectory(prefix=".meki-convert-", dir=out.parent) as work:
         f32 = Path(work) / "table-f32.gguf"
         replace_atomically(f32, converter(Q.F32).write_to)
+        spec = table_spec(f32, table_type and table_type.lower(), **(tiers or {}))
         if progress is not False:
-            print(f"quantizing the table to {table_type.lower()} ({method_of(table_type.lower())})", file=sys.stderr)
-        quantize(f32, out, table_type.lower())
+            print(f"quantizing the table to {spec['table_type']}"
+                  f"{'/' + spec['cold_type'] if spec['cold_type'] else ''}", file=sys.stderr)
+        quantize(f32, out, **spec)
     return out
 
 

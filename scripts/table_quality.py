@@ -14,10 +14,19 @@ vocabulary) is built and cached in build/bench/. The logits of MODEL are saved o
 agreement and perplexity against them (--kl-divergence). Prints a markdown table and saves the
 results to build/bench/table-quality-NAME.json.
 
-Two what-if measurements of formats that are not built (docs/BENCHMARKS.md says why), both from
-tables dequantized in numpy (gguf-py) and written back as an f32 table, which llama.cpp then runs:
-  --layers T         T in one layer at a time, the other layers f32: each layer's sensitivity;
-  --two-tier K:H:C   the first K rows (token ids) in type H, the rest in C (each its default method).
+A what-if of a format that is not built (docs/BENCHMARKS.md says why), from tables dequantized in
+numpy (gguf-py) and written back as an f32 table, which llama.cpp then runs:
+  --layers T         T in one layer at a time, the other layers f32: each layer's sensitivity.
+
+Two-tier tables (docs/FORMAT.md), in the real format (`meki-gguf quantize --cold-type`), against
+single-type tables in one run:
+  --two-tier K:H:C ...  the first K rows of the row order in type H, the rest in C; --singles T ...
+                        the single types beside them (T, or T-METHOD); --row-order-text FILE: the
+                        row order measured on that text (tokens by frequency), else the token ids.
+  Each table's logits at every position of the text (the binding, logits_all; llama-perplexity's
+  positions: the second half of each chunk) against the f32 table's: mean KLD, top-1, and the
+  mean KLD over the positions whose input token is in the cold tier, for the two-tier tables and
+  for every single type on the same positions. Saved to build/bench/table-tiers-NAME-TEXT.json.
 """
 from __future__ import annotations
 
@@ -37,7 +46,8 @@ import gguf  # noqa: E402
 import numpy as np  # noqa: E402
 
 from meki_gguf.quantize import (DEFAULT_METHOD, FLOAT_TYPES, TABLE, TABLE_TYPES, WEIGHTED,  # noqa: E402
-                                block_size, file_scales, methods_for, quantize, read_table_info, rewrite)
+                                block_size, file_scales, methods_for, quantize, read_table_info, rewrite,
+                                row_order_from_text)
 from meki_gguf.runtime import llama_tool, read_header  # noqa: E402
 
 DEFAULT_TEXT = Path("/usr/share/common-licenses/GPL-3")
@@ -144,7 +154,12 @@ def main() -> None:
     ap.add_argument("--types", nargs="*", help="table types (default: every type whose block divides m)")
     ap.add_argument("--methods", nargs="*", default=["plain", "weighted", "scaled"])
     ap.add_argument("--layers", metavar="TYPE", help="what-if: TYPE in one layer at a time")
-    ap.add_argument("--two-tier", nargs="*", metavar="K:HOT:COLD", help="what-if: rows < K in HOT, the rest in COLD")
+    ap.add_argument("--two-tier", nargs="*", metavar="K:HOT:COLD",
+                    help="two-tier tables: the first K rows of the row order in HOT, the rest in COLD")
+    ap.add_argument("--singles", nargs="*", default=[], metavar="TYPE[-METHOD]",
+                    help="with --two-tier: single-type tables measured the same way, beside them")
+    ap.add_argument("--row-order-text", type=Path, metavar="FILE",
+                    help="with --two-tier: the row order measured on FILE's tokens (default: the token ids)")
     ap.add_argument("--plot", action="store_true",
                     help="plot the saved runs to docs/table-quality.png and print their tables")
     ap.add_argument("-t", "--threads", type=int, default=os.cpu_count())
@@ -168,11 +183,13 @@ def main() -> None:
           f"{args.chunks} x {args.ctx} tokens", file=sys.stderr)
 
     with tempfile.TemporaryDirectory(dir=model.parent) as tmp:
+        if args.two_tier:
+            args.name = name
+            return tiers(args, model, Path(tmp), L, m, V)
         base = Path(tmp) / "base.kld"
         log = perplexity(model, args.text, base, args.ctx, args.chunks, args.threads, kld=False)
         ref_ppl = figure(log, r"Final estimate: PPL = ([\d.]+)", "perplexity", model)
-        if args.layers or args.two_tier:
-            args.name = name
+        if args.layers:
             return what_if(args, model, base, Path(tmp), L, m, V, ref_ppl)
         rows = []
         for t in types:
@@ -270,25 +287,98 @@ def what_if(args, model: Path, base: Path, tmp: Path, L: int, m: int, V: int, re
             print(f"| {il} | {kld:.6f} | {top:.2f}% |", flush=True)
         kld, top, _ = measure(table_of(args.layers))
         print(f"| all | {kld:.6f} | {top:.2f}% |")
-    if args.two_tier:
-        saved = BENCH / f"table-two-tier-{args.name}-{args.text.stem}.json"
-        runs = json.loads(saved.read_text()) if saved.is_file() else {}
-        ids = text_tokens(model, args.text, args.ctx, args.chunks)
-        print("| rows in the hot tier | hot / cold type | bits/value (storage) | hot share of the text's tokens | "
-              "bytes read per token (this text) | mean KLD vs f32 | top-1 |\n|---|---|---:|---:|---:|---:|---:|")
-        for spec in args.two_tier:
-            k, hot, cold = spec.split(":")
-            k = int(k)
-            t = table_of(cold).copy()
-            t[:k] = table_of(hot)[:k]
-            kld, top, _ = measure(t)
-            share = float((ids < k).mean())
-            b = (k * bits(hot) + (V - k) * bits(cold)) / V
-            per_tok = L * m * (share * bits(hot) + (1 - share) * bits(cold)) / 8
-            print(f"| {k:,} ({k / V:.1%}) | {hot} / {cold} | {b:.2f} | {share:.1%} | {per_tok:,.0f} | {kld:.6f} | "
-                  f"{top:.2f}% |", flush=True)
-            runs[spec] = {"bits": b, "share": share, "per_token": per_tok, "kld": kld, "top1": top}
-            saved.write_text(json.dumps(runs, indent=1))
+
+
+def log_probs(model: Path, ids: np.ndarray, ctx: int, threads: int):
+    """Per chunk of `ctx` tokens, the model's log-probabilities at the positions llama-perplexity
+    scores (the second half of the chunk; position i predicts token i + 1), float32."""
+    from meki_gguf import runtime
+    llm = runtime.load(model, n_ctx=ctx, n_batch=ctx, n_ubatch=ctx, logits_all=True, n_threads=threads,
+                       n_threads_batch=threads)
+    for lo in range(0, len(ids) - ctx + 1, ctx):
+        llm.reset()
+        llm.eval([int(t) for t in ids[lo:lo + ctx]])
+        x = np.array(llm.scores[ctx // 2:ctx - 1], np.float32)
+        x -= x.max(-1, keepdims=True)
+        yield x - np.log(np.exp(x).sum(-1, keepdims=True))
+
+
+def position_kl(model: Path, ids: np.ndarray, ctx: int, threads: int, base: list[Path]) -> tuple[np.ndarray, np.ndarray]:
+    """(KL(P_f32 || P_model), top-1 agreement) at each scored position; `base` holds the f32
+    table's log-probabilities, one file per chunk (written when missing)."""
+    kls, same = [], []
+    for i, lp in enumerate(log_probs(model, ids, ctx, threads)):
+        if not base[i].exists():
+            np.save(base[i], lp)
+            kls.append(np.zeros(len(lp)))
+            same.append(np.ones(len(lp), bool))
+            continue
+        ref = np.load(base[i])
+        kls.append((np.exp(ref) * (ref - lp)).sum(-1, dtype=np.float64))
+        same.append(ref.argmax(-1) == lp.argmax(-1))
+    return np.concatenate(kls), np.concatenate(same)
+
+
+def tiers(args, model: Path, tmp: Path, L: int, m: int, V: int) -> None:
+    """Two-tier tables in the real format and single types, each against the f32 table at every
+    scored position of the text; the cold-token KLD of each two-tier table, and of every single type
+    on the same positions."""
+    ids = text_tokens(model, args.text, args.ctx, args.chunks)
+    scored = np.concatenate([ids[lo + args.ctx // 2:lo + args.ctx - 1] for lo in range(0, len(ids) - args.ctx + 1, args.ctx)])
+    order = row_order_from_text(model, args.row_order_text) if args.row_order_text else np.arange(V)
+    base = [tmp / f"base-{i}.npy" for i in range(args.chunks)]
+    position_kl(model, ids, args.ctx, args.threads, base)                       # the f32 table's own
+    runs = {}
+    cache = BENCH / "tiers-cache"                  # the tables, kept for the other texts' runs
+    cache.mkdir(parents=True, exist_ok=True)
+    order_tag = f"-order-{args.row_order_text.stem}" if args.row_order_text else ""
+
+    def table(spec: str, make) -> Path:
+        q = cache / f"{model.stem}-{spec.replace(':', '_')}{order_tag if ':' in spec else ''}.gguf"
+        return q if q.exists() else make(q)
+    for spec in args.singles:
+        t, _, meth = spec.partition("-")
+        q = table(spec, lambda q: quantize(model, q, t, method=meth or None, threads=args.threads))
+        kl, same = position_kl(q, ids, args.ctx, args.threads, base)
+        runs[spec] = {"bits": bits(t), "per_token": L * m * bits(t) / 8, "kl": kl, "top1": same.mean()}
+        print(f"{spec:14} {bits(t):.2f} bits  KLD {kl.mean():.6f}  top-1 {100 * same.mean():.2f}%", file=sys.stderr, flush=True)
+    for spec in args.two_tier:
+        k, hot, cold = spec.split(":")
+        k = int(k)
+        q = table(spec, lambda q: quantize(model, q, hot, cold_type=cold, hot_rows=k,
+                                           row_order=order if args.row_order_text else None, threads=args.threads))
+        kl, same = position_kl(q, ids, args.ctx, args.threads, base)
+        is_cold = order[scored] >= k
+        share = float((order[ids] < k).mean())
+        runs[spec] = {"bits": (k * bits(hot) + (V - k) * bits(cold)) / V, "share": share, "cold": is_cold,
+                      "per_token": L * m * (share * bits(hot) + (1 - share) * bits(cold)) / 8,
+                      "kl": kl, "top1": same.mean()}
+        print(f"{spec:20} {runs[spec]['bits']:.2f} bits  hot share {share:.1%}  KLD {kl.mean():.6f}  "
+              f"cold-token KLD {kl[is_cold].mean():.6f}  top-1 {100 * same.mean():.2f}%", file=sys.stderr, flush=True)
+    res = {"model": str(model), "name": args.name, "text": str(args.text), "ctx": args.ctx, "chunks": args.chunks,
+           "L": L, "m": m, "V": V, "order": str(args.row_order_text or "token ids"), "positions": int(len(scored)),
+           "runs": {s: {k: (v.tolist() if isinstance(v, np.ndarray) else v) for k, v in r.items()} for s, r in runs.items()}}
+    (BENCH / f"table-tiers-{args.name}-{args.text.stem}{order_tag}.json").write_text(json.dumps(res))
+    print(tiers_markdown(res))
+
+
+def tiers_markdown(res: dict) -> str:
+    """One row per table: bits, bytes read per token, mean KLD, top-1; for each two-tier table its
+    cold-token KLD, and each single type's on the positions of the first two-tier table's cold tokens."""
+    runs = res["runs"]
+    tiered = [s for s in runs if ":" in s]
+    cold = np.asarray(runs[tiered[0]]["cold"], bool) if tiered else None
+    head = ("| table | bits/value | MeKi-1.7B's table | its bytes read per token (this text) | mean KLD vs f32 | "
+            f"KLD at the cold tier's tokens{f' ({tiered[0]})' if tiered else ''} | top-1 |\n|---|---:|---:|---:|---:|---:|---:|")
+    rows = []
+    for spec, r in sorted(runs.items(), key=lambda x: -x[1]["bits"]):
+        kl = np.asarray(r["kl"])
+        c = np.asarray(r["cold"], bool) if "cold" in r else cold
+        label = spec if ":" not in spec else "{:,} rows {} / {}".format(int(spec.split(":")[0]), *spec.split(":")[1:])
+        size = 28 * 256 * 151680 * r["bits"] / 8 / 2**30          # MeKi-1.7B: L 28, m 256, 151,680 rows
+        rows.append(f"| {label} | {r['bits']:.2f} | {size:.2f} GiB | {r['per_token'] * 28 / res['L']:,.0f} | "
+                    f"{kl.mean():.6f} | {kl[c].mean() if c is not None and c.any() else float('nan'):.6f} | {100 * r['top1']:.2f}% |")
+    return head + "\n" + "\n".join(rows)
 
 
 def plot() -> None:
@@ -327,14 +417,6 @@ def plot() -> None:
             if meth == "scaled":
                 for b, k, t in pts:
                     ax.annotate(t, (b, k), fontsize=6, xytext=(3, 2), textcoords="offset points")
-        for f in sorted(BENCH.glob(f"table-two-tier-{res['name']}-{Path(res['text']).stem}.json")):
-            tiers = json.loads(f.read_text())
-            ax.scatter([x["bits"] for x in tiers.values()], [x["kld"] for x in tiers.values()], marker="D",
-                       color="tab:green", s=18, zorder=4, label="what-if: two tiers of rows (hot ids / cold), not built")
-            for spec, x in tiers.items():
-                k, hot, cold = spec.split(":")
-                ax.annotate(f"{hot}/{cold} {int(k) / res['V']:.0%}", (x["bits"], x["kld"]), fontsize=5,
-                            color="tab:green", xytext=(3, -7), textcoords="offset points")
         q4 = next((r["methods"]["plain"]["kld"] for r in res["rows"] if r["type"] == "q4_0"), None)
         if q4:
             ax.axhline(q4, color="k", lw=0.6, ls=":", label="plain q4_0 (the goal for ~3 bits)")
@@ -347,6 +429,37 @@ def plot() -> None:
         ax.legend(fontsize=7)
     fig.tight_layout()
     out = ROOT / "docs" / "table-quality.png"
+    fig.savefig(out, dpi=120)
+    print(f"wrote {out}")
+    plot_tiers(plt)
+
+
+def plot_tiers(plt) -> None:
+    """docs/table-tiers.png: per text, the two-tier tables (real format) and the single types of
+    the same run, mean KLD against bits per value; and their tables."""
+    runs = [json.loads(p.read_text()) for p in sorted(BENCH.glob("table-tiers-*.json"))]
+    if not runs:
+        return
+    fig, axes = plt.subplots(1, len(runs), figsize=(5.2 * len(runs), 4.6), squeeze=False)
+    for ax, res in zip(axes[0], runs):
+        print(f"\n{res['name']}, {Path(res['text']).name} ({res['chunks']} x {res['ctx']} tokens, {res['positions']} "
+              f"positions scored; row order: {Path(res['order']).name}):\n")
+        print(tiers_markdown(res))
+        for tiered, color, marker in ((False, "tab:gray", "o"), (True, "tab:green", "D")):
+            pts = [(r["bits"], float(np.mean(r["kl"])), s) for s, r in res["runs"].items() if (":" in s) == tiered]
+            ax.scatter([p[0] for p in pts], [p[1] for p in pts], color=color, marker=marker, s=18, zorder=3,
+                       label="two tiers (hot rows / cold)" if tiered else "one type")
+            for b, k, s in pts:
+                lab = s if ":" not in s else "{}/{} {:,}".format(*s.split(":")[1:], int(s.split(":")[0]))
+                ax.annotate(lab, (b, k), fontsize=6, xytext=(3, 2), textcoords="offset points")
+        ax.set_yscale("log")
+        ax.set_xlabel("bits per value (block scales included)")
+        ax.set_ylabel("mean KLD vs the f32 table")
+        ax.set_title(f"{res['name']}: {Path(res['text']).name}\nrow order: {Path(res['order']).name}", fontsize=9)
+        ax.grid(alpha=0.3, which="both")
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    out = ROOT / "docs" / "table-tiers.png"
     fig.savefig(out, dpi=120)
     print(f"wrote {out}")
 

@@ -257,6 +257,19 @@ def test_inspect(tmp_path, tok):
         assert needle in r.stdout, r.stdout
 
 
+def test_convert_to_two_tiers(tmp_path, tok):
+    """convert --cold-type/--hot-rows writes the table in two tiers, as `quantize` does; inspect shows both."""
+    _, src = hf_ckpt(tmp_path)
+    out = tmp_path / "t.gguf"
+    r = cli("convert", src, "-o", out, "--table-type", "q8_0", "--cold-type", "q4_0", "--hot-rows", "128", "--tokenizer", tok)
+    assert r.exit_code == 0, r.output
+    r = cli("inspect", out)
+    assert r.exit_code == 0, r.output
+    for needle in ["table q8_0/q4_0", "meki_mem.weight {2*32, 128} q8_0", "meki_mem_cold.weight {2*32, 384} q4_0",
+                   "the first 128 rows of the token ids' order", "64 table values = 68 (q8_0) or 36 (q4_0) bytes read"]:
+        assert needle in r.stdout, r.stdout
+
+
 def test_tokenizer_from_the_checkpoint_folder_and_from_a_gguf(tmp_path, tok):
     # no --tokenizer: the checkpoint folder's own (HF layout, and a Megatron root)
     _, src = hf_ckpt(tmp_path)

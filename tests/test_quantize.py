@@ -260,6 +260,27 @@ def test_bad_two_tier_specs(tmp_path, src, kw, needle):
     assert not (tmp_path / "t.gguf").exists()
 
 
+def test_table_bits_and_row_order_text(tmp_path, wide):
+    """`quantize --table-bits 3` takes the measured recommendation (BUDGETS) with as many hot rows as
+    fit 3 bits per value; --row-order-text stores the text's frequency order (its most frequent
+    token gets row 0) and the gather follows it."""
+    from meki_gguf.quantize import bits_per_value, row_order_from_text
+    text = tmp_path / "text.txt"
+    text.write_text(Path("/usr/share/common-licenses/GPL-3").read_text()[:20000])
+    out = tmp_path / "b.gguf"
+    r = CliRunner().invoke(main, ["quantize", str(wide), str(out), "--table-bits", "3", "--row-order-text", str(text)])
+    assert r.exit_code == 0, r.output
+    (hot, k), (cold, rest) = table_tiers(out)
+    assert (hot, cold) == ("q6_k", "iq2_s") and k + rest == WIDE.vocab_size
+    b = lambda n: (n * bits_per_value(hot) + (WIDE.vocab_size - n) * bits_per_value(cold)) / WIDE.vocab_size  # noqa: E731
+    assert b(k) <= 3 < b(k + 1)
+    order = np.asarray(gguf.GGUFReader(out).fields[ROW_ORDER].contents())
+    assert np.array_equal(order, row_order_from_text(wide, text))
+    llm_ids = np.asarray(__import__("llama_cpp").Llama(str(wide), vocab_only=True, verbose=False).tokenize(
+        text.read_bytes(), add_bos=False))
+    assert order[np.bincount(llm_ids).argmax()] == 0
+
+
 def test_a_two_tier_table_is_not_tiered_again(tmp_path, src):
     tiers = quantize(src, tmp_path / "t.gguf", "q8_0", cold_type="q4_0", hot_rows=100)
     with pytest.raises(MekiError, match="already in two tiers"):
