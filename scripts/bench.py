@@ -3,6 +3,7 @@
 
     scripts/bench [--rounds N] [--write-docs]
     scripts/bench --pair 1.7b [--rounds N]     # one pair's warm ratios only (a graph change's check)
+    scripts/bench --files A.gguf B.gguf        # two files (two tables of one model), warm, interleaved
 
 1. Writes synthetic random-weight twins at the paper's shapes straight as GGUF (meki_gguf/synth.py,
    cached in build/bench/): MeKi-0.6B/1.7B and their dense twins (the same backbone without the
@@ -154,21 +155,27 @@ def speed(rounds: int, threads: int) -> list[dict]:
 def pair_ratio(size: str, rounds: int, threads: int) -> None:
     """--pair: one pair, warm, both backbones, interleaved (the order alternating between rounds):
     MeKi/dense per round and their median, for a graph change's before/after without the whole run."""
-    meki, dense = f"meki-{size}", f"dense-{size}"
+    ratio_run({bt: (model_path(f"meki-{size}", bt), model_path(f"dense-{size}", bt)) for bt in BACKBONES},
+              rounds, threads, f"MeKi-{size} / dense-{size}")
+
+
+def ratio_run(pairs: dict[str, tuple[Path, Path]], rounds: int, threads: int, what: str) -> None:
+    """Each pair (a, b) warm and interleaved, the order alternating between rounds: a/b per round
+    (t/s; CPU time inverted) and the median."""
     rows = {}
     for r in range(rounds):
-        for bt in BACKBONES:
-            for name in ((meki, dense) if r % 2 == 0 else (dense, meki)):
-                warm(model_path(name, bt))
-                res = measure(model_path(name, bt), threads, "warm")
-                rows.setdefault((bt, name), []).append(res)
-                log(f"round {r} {bt} {name:10} pp512 {res['pp']:7.2f} t/s  tg128 {res['tg']:6.2f} t/s  "
+        for label, pair in pairs.items():
+            for path in (pair if r % 2 == 0 else pair[::-1]):
+                warm(path)
+                res = measure(path, threads, "warm")
+                rows.setdefault((label, path), []).append(res)
+                log(f"round {r} {label} {path.name:28} pp512 {res['pp']:7.2f} t/s  tg128 {res['tg']:6.2f} t/s  "
                     f"(others {res['others']:.1f} CPU s in {res['wall']:.0f} s)")
-    print(f"MeKi-{size} / dense-{size}, warm, {threads} thread(s), {rounds} interleaved rounds, build {res['build']}:")
-    for bt in BACKBONES:
+    print(f"{what}, warm, {threads} thread(s), {rounds} interleaved rounds, build {res['build']}:")
+    for label, (a, b) in pairs.items():
         for key in ("tg", "pp", "tg_cpu", "pp_cpu"):
-            rs = [(a[key] / b[key]) ** (-1 if key.endswith("_cpu") else 1) for a, b in zip(rows[bt, meki], rows[bt, dense])]
-            print(f"  {bt} {key:6} median {statistics.median(rs):.3f}  rounds {' '.join(f'{x:.3f}' for x in rs)}")
+            rs = [(x[key] / y[key]) ** (-1 if key.endswith("_cpu") else 1) for x, y in zip(rows[label, a], rows[label, b])]
+            print(f"  {label} {key:6} median {statistics.median(rs):.3f}  rounds {' '.join(f'{x:.3f}' for x in rs)}")
 
 
 def ratios(rows: list[dict]) -> dict:
@@ -416,6 +423,8 @@ def main() -> None:
     ap.add_argument("--skip-speed", action="store_true", help="reuse the speed results of the last run")
     ap.add_argument("--pair", choices=["0.6b", "1.7b"],
                     help="only this pair's warm speed ratios, both backbones (a graph change's check)")
+    ap.add_argument("--files", nargs=2, type=Path, metavar=("A", "B"),
+                    help="only A against B (two tables of one model, say), warm, interleaved: the A/B ratios")
     ap.add_argument("--probe", type=Path, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.probe:
@@ -425,6 +434,8 @@ def main() -> None:
     if args.pair:
         make_models(args.regenerate, names=(f"meki-{args.pair}", f"dense-{args.pair}"))
         return pair_ratio(args.pair, args.rounds, args.threads)
+    if args.files:
+        return ratio_run({"A/B": tuple(args.files)}, args.rounds, args.threads, f"{args.files[0].name} / {args.files[1].name}")
     make_models(args.regenerate)
     res_file = OUT / "results.json"
     if args.skip_speed:
