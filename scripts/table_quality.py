@@ -387,8 +387,10 @@ def plot() -> None:
     import matplotlib.pyplot as plt
 
     runs = [json.loads(p.read_text()) for p in sorted(BENCH.glob("table-quality-*.json"))]
-    if not runs:
+    if not runs and not list(BENCH.glob("table-tiers-*.json")):
         raise SystemExit("no saved runs in build/bench/: run the measurements first")
+    if not runs:                           # two-tier runs only: docs/table-quality.png is left as it is
+        return plot_tiers(plt)
     full = [r for r in runs if len(r["rows"]) > 10]        # a sweep of every type (not a spot check)
     fig, axes = plt.subplots(1, len(full), figsize=(7 * len(full), 5.2), squeeze=False)
     style = {"plain": ("tab:gray", "o", "plain (llama.cpp's rounding)"),
@@ -435,29 +437,36 @@ def plot() -> None:
 
 
 def plot_tiers(plt) -> None:
-    """docs/table-tiers.png: per text, the two-tier tables (real format) and the single types of
-    the same run, mean KLD against bits per value; and their tables."""
+    """docs/table-tiers.png: per text, the single types and the two-tier tables (real format) in the
+    token ids' order and in a measured frequency order, mean KLD against bits per value; and the tables."""
     runs = [json.loads(p.read_text()) for p in sorted(BENCH.glob("table-tiers-*.json"))]
     if not runs:
         return
-    fig, axes = plt.subplots(1, len(runs), figsize=(5.2 * len(runs), 4.6), squeeze=False)
-    for ax, res in zip(axes[0], runs):
-        print(f"\n{res['name']}, {Path(res['text']).name} ({res['chunks']} x {res['ctx']} tokens, {res['positions']} "
-              f"positions scored; row order: {Path(res['order']).name}):\n")
-        print(tiers_markdown(res))
-        for tiered, color, marker in ((False, "tab:gray", "o"), (True, "tab:green", "D")):
-            pts = [(r["bits"], float(np.mean(r["kl"])), s) for s, r in res["runs"].items() if (":" in s) == tiered]
-            ax.scatter([p[0] for p in pts], [p[1] for p in pts], color=color, marker=marker, s=18, zorder=3,
-                       label="two tiers (hot rows / cold)" if tiered else "one type")
-            for b, k, s in pts:
-                lab = s if ":" not in s else "{}/{} {:,}".format(*s.split(":")[1:], int(s.split(":")[0]))
-                ax.annotate(lab, (b, k), fontsize=6, xytext=(3, 2), textcoords="offset points")
+    texts = sorted({(r["name"], r["text"]) for r in runs}, key=lambda x: x[1])
+    fig, axes = plt.subplots(1, len(texts), figsize=(5.6 * len(texts), 4.8), squeeze=False)
+    for ax, (name, text) in zip(axes[0], texts):
+        for res in [r for r in runs if (r["name"], r["text"]) == (name, text)]:
+            print(f"\n{res['name']}, {Path(res['text']).name} ({res['chunks']} x {res['ctx']} tokens, {res['positions']} "
+                  f"positions scored; row order: {Path(res['order']).name}):\n")
+            print(tiers_markdown(res))
+            ordered = res["order"] != "token ids"
+            for tiered, color, marker, label in (
+                    (False, "tab:gray", "o", "one type"),
+                    (True, "tab:purple" if ordered else "tab:green", "s" if ordered else "D",
+                     f"two tiers, rows by frequency in {Path(res['order']).name}" if ordered else "two tiers, rows by token id")):
+                pts = [(r["bits"], float(np.mean(r["kl"])), s) for s, r in res["runs"].items() if (":" in s) == tiered]
+                if not pts:
+                    continue
+                ax.scatter([p[0] for p in pts], [p[1] for p in pts], color=color, marker=marker, s=18, zorder=3, label=label)
+                for b, k, s in pts:
+                    lab = s if ":" not in s else "{}/{} {:,}".format(*s.split(":")[1:], int(s.split(":")[0]))
+                    ax.annotate(lab, (b, k), fontsize=5.5, xytext=(3, 2), textcoords="offset points", color=color)
         ax.set_yscale("log")
         ax.set_xlabel("bits per value (block scales included)")
         ax.set_ylabel("mean KLD vs the f32 table")
-        ax.set_title(f"{res['name']}: {Path(res['text']).name}\nrow order: {Path(res['order']).name}", fontsize=9)
+        ax.set_title(f"{name}: {Path(text).name}", fontsize=9)
         ax.grid(alpha=0.3, which="both")
-        ax.legend(fontsize=7)
+        ax.legend(fontsize=6.5)
     fig.tight_layout()
     out = ROOT / "docs" / "table-tiers.png"
     fig.savefig(out, dpi=120)
