@@ -281,6 +281,22 @@ def test_table_bits_and_row_order_text(tmp_path, wide):
     assert order[np.bincount(llm_ids).argmax()] == 0
 
 
+def test_llama_quantize_keeps_the_tiers(tmp_path, src):
+    """llama-quantize itself on a two-tier file (a backbone type, no --tensor-type): both tiers and
+    the row order pass through as they are, the backbone is quantized (patch 0002)."""
+    order = np.random.default_rng(1).permutation(TINY.vocab_size)
+    tiers = quantize(src, tmp_path / "t.gguf", "q8_0", cold_type="q4_0", hot_rows=100, row_order=order)
+    out = tmp_path / "b.gguf"
+    subprocess.run([llama_tool("llama-quantize"), tiers, out, "Q8_0", "2"], check=True, capture_output=True)
+    r = gguf.GGUFReader(out)
+    t = {x.name: x for x in r.tensors}
+    assert table_tiers(out) == [("q8_0", 100), ("q4_0", TINY.vocab_size - 100)]
+    assert t["blk.0.ffn_up.weight"].tensor_type == Q.Q8_0
+    assert np.array_equal(np.asarray(r.fields[ROW_ORDER].contents()), order)
+    for name in (TABLE, COLD):
+        assert np.array_equal(np.asarray(t[name].data), np.asarray(tensors(tiers)[name].data))
+
+
 def test_a_two_tier_table_is_not_tiered_again(tmp_path, src):
     tiers = quantize(src, tmp_path / "t.gguf", "q8_0", cold_type="q4_0", hot_rows=100)
     with pytest.raises(MekiError, match="already in two tiers"):

@@ -489,6 +489,35 @@ def test_table_not_resident_after_generation(big):
     assert figures[True, True][0] >= 0.99 * total           # resident on request
 
 
+def test_two_tier_table_not_resident_after_generation(big, tmp_path):
+    """Both tiers of a two-tier table (docs/FORMAT.md) stay in the mapped file: generating reads the
+    rows it gathers in each tier (and each tier's row 0, the select's other row), nothing else."""
+    from meki_gguf.quantize import COLD, TABLE, quantize
+    V, k = 151936, 151936 // 2
+    path = quantize(big, tmp_path / "tiers.gguf", "q8_0", cold_type="q4_0", hot_rows=k,
+                    row_order=np.random.default_rng(0).permutation(V))
+    order = np.asarray(gguf.GGUFReader(path).fields["meki.memory.row_order"].contents())
+    _, tensors = runtime.read_header(path)
+    ps = os.sysconf("SC_PAGE_SIZE")
+    tiers = {n: (tensors[n].offset, tensors[n].nbytes, math.ceil(tensors[n].nbytes / tensors[n].shape[1] / ps) + 1)
+             for n in (TABLE, COLD)}
+    runtime.evict(path)
+    llm = runtime.load(path, n_ctx=256)
+    llm("The quick brown fox", max_tokens=4, temperature=0)
+    warm = {n: runtime.resident_pages(path, off, nbytes)[0] for n, (off, nbytes, _) in tiers.items()}
+    seen_warm = set(llm.input_ids[:llm.n_tokens].tolist())
+    llm.reset()
+    llm("Pack my box with five dozen liquor jugs", max_tokens=32, temperature=0)
+    new = set(llm.input_ids[:llm.n_tokens].tolist()) - seen_warm
+    rows = {TABLE: sum(1 for t in new if order[t] < k), COLD: sum(1 for t in new if order[t] >= k)}
+    for n, (off, nbytes, per_row) in tiers.items():
+        after, total = runtime.resident_pages(path, off, nbytes)
+        print(f"\n{n}: {total} pages, {warm[n]} resident after a 4-token warm-up, {after} after {rows[n]} more rows")
+        assert after - warm[n] <= (rows[n] + 1) * per_row + 8
+        assert after < total / 4
+    assert rows[TABLE] and rows[COLD]
+
+
 # --- llama-cli ----------------------------------------------------------------------------------
 
 def test_llama_cli_greedy_matches_python(base, llm):
