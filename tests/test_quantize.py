@@ -261,24 +261,34 @@ def test_bad_two_tier_specs(tmp_path, src, kw, needle):
 
 
 def test_table_bits_and_row_order_text(tmp_path, wide):
-    """`quantize --table-bits 3` takes the measured recommendation (BUDGETS) with as many hot rows as
-    fit 3 bits per value; --row-order-text stores the text's frequency order (its most frequent
-    token gets row 0) and the gather follows it."""
-    from meki_gguf.quantize import bits_per_value, row_order_from_text
+    """--table-bits takes the measured recommendation (BUDGETS): for Qwen's vocabulary two tiers with
+    as many hot rows as fit the budget, for a small one (here 512 tokens) the single-type front;
+    --row-order-text stores the text's frequency order (its most frequent token gets row 0)."""
+    from meki_gguf.quantize import SINGLE_FRONT, bits_per_value, budget_tiers, row_order_from_text
+    V = 151680
+    for b in (4.3, 3.0, 2.6, 2.1):
+        hot, cold, k = budget_tiers(b, V, 256)
+        size = (k * bits_per_value(hot) + (V - k) * bits_per_value(cold)) / V
+        assert cold is not None and size <= b < (size + (bits_per_value(hot) - bits_per_value(cold)) / V * 1.01), (b, hot, cold, k)
+    assert budget_tiers(4.5, V, 256) == ("q4_k", None, None)
+    with pytest.raises(MekiError, match="smallest table measured"):
+        budget_tiers(1.7, V, 256)
+    r = CliRunner().invoke(main, ["quantize", str(wide), str(tmp_path / "s.gguf"), "--table-bits", "3"])
+    assert r.exit_code == 0, r.output
+    assert table_tiers(tmp_path / "s.gguf") == [("iq2_s", WIDE.vocab_size)] and "iq2_s" in SINGLE_FRONT
+
     text = tmp_path / "text.txt"
     text.write_text(Path("/usr/share/common-licenses/GPL-3").read_text()[:20000])
     out = tmp_path / "b.gguf"
-    r = CliRunner().invoke(main, ["quantize", str(wide), str(out), "--table-bits", "3", "--row-order-text", str(text)])
+    r = CliRunner().invoke(main, ["quantize", str(wide), str(out), "--table-type", "q6_k", "--cold-type", "iq2_s",
+                                  "--hot-rows", "56", "--row-order-text", str(text)])
     assert r.exit_code == 0, r.output
-    (hot, k), (cold, rest) = table_tiers(out)
-    assert (hot, cold) == ("q6_k", "iq2_s") and k + rest == WIDE.vocab_size
-    b = lambda n: (n * bits_per_value(hot) + (WIDE.vocab_size - n) * bits_per_value(cold)) / WIDE.vocab_size  # noqa: E731
-    assert b(k) <= 3 < b(k + 1)
+    assert table_tiers(out) == [("q6_k", 56), ("iq2_s", WIDE.vocab_size - 56)]
     order = np.asarray(gguf.GGUFReader(out).fields[ROW_ORDER].contents())
     assert np.array_equal(order, row_order_from_text(wide, text))
-    llm_ids = np.asarray(__import__("llama_cpp").Llama(str(wide), vocab_only=True, verbose=False).tokenize(
+    ids = np.asarray(__import__("llama_cpp").Llama(str(wide), vocab_only=True, verbose=False).tokenize(
         text.read_bytes(), add_bos=False))
-    assert order[np.bincount(llm_ids).argmax()] == 0
+    assert order[np.bincount(ids).argmax()] == 0
 
 
 def test_llama_quantize_keeps_the_tiers(tmp_path, src):
