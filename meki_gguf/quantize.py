@@ -138,7 +138,8 @@ def table_spec(src: Path, table_type: str | None = None, table_bits: float | Non
     """quantize()'s table arguments (table_type, cold_type, hot_rows, row_order) from the command
     line's: a type, or a budget in bits per value (budget_tiers); a row order from a text."""
     if (table_type is None) == (table_bits is None):
-        raise MekiError("give the table's type (--table-type) or a budget in bits per value (--table-bits), not both")
+        raise MekiError("give the table's type (--table-type) or a budget in bits per value (--table-bits)"
+                        + (", not both" if table_type is not None else ""))
     if table_bits is not None:
         if cold_type or hot_rows:
             raise MekiError("--table-bits chooses the tiers itself: no --cold-type or --hot-rows with it")
