@@ -422,18 +422,27 @@ def plot() -> None:
         q4 = next((r["methods"]["plain"]["kld"] for r in res["rows"] if r["type"] == "q4_0"), None)
         if q4:
             ax.axhline(q4, color="k", lw=0.6, ls=":", label="plain q4_0 (the goal for ~3 bits)")
-        ax.set_yscale("log")
-        ax.set_xlabel("bits per value (block scales included)")
-        ax.set_ylabel("mean KLD vs the f32 table")
-        ax.set_title(f"{res['name']}: L {res['L']}, m {res['m']}, {res['V']:,} rows\n"
-                     f"{Path(res['text']).name}, {res['chunks']} x {res['ctx']} tokens", fontsize=9)
-        ax.grid(alpha=0.3, which="both")
-        ax.legend(fontsize=7)
+        style_axes(ax, f"{res['name']}: L {res['L']}, m {res['m']}, {res['V']:,} rows\n"
+                       f"{Path(res['text']).name}, {res['chunks']} x {res['ctx']} tokens", 7)
+    save(fig, "table-quality.png")
+    plot_tiers(plt)
+
+
+def style_axes(ax, title: str, legend: float) -> None:
+    """The KLD-against-bits axes of both plots."""
+    ax.set_yscale("log")
+    ax.set_xlabel("bits per value (block scales included)")
+    ax.set_ylabel("mean KLD vs the f32 table")
+    ax.set_title(title, fontsize=9)
+    ax.grid(alpha=0.3, which="both")
+    ax.legend(fontsize=legend)
+
+
+def save(fig, name: str) -> None:
     fig.tight_layout()
-    out = ROOT / "docs" / "table-quality.png"
+    out = ROOT / "docs" / name
     fig.savefig(out, dpi=120)
     print(f"wrote {out}")
-    plot_tiers(plt)
 
 
 def plot_tiers(plt) -> None:
@@ -461,16 +470,8 @@ def plot_tiers(plt) -> None:
                 for b, k, s in pts:
                     lab = s if ":" not in s else "{}/{} {:,}".format(*s.split(":")[1:], int(s.split(":")[0]))
                     ax.annotate(lab, (b, k), fontsize=5.5, xytext=(3, 2), textcoords="offset points", color=color)
-        ax.set_yscale("log")
-        ax.set_xlabel("bits per value (block scales included)")
-        ax.set_ylabel("mean KLD vs the f32 table")
-        ax.set_title(f"{name}: {Path(text).name}", fontsize=9)
-        ax.grid(alpha=0.3, which="both")
-        ax.legend(fontsize=6.5)
-    fig.tight_layout()
-    out = ROOT / "docs" / "table-tiers.png"
-    fig.savefig(out, dpi=120)
-    print(f"wrote {out}")
+        style_axes(ax, f"{name}: {Path(text).name}", 6.5)
+    save(fig, "table-tiers.png")
 
 
 if __name__ == "__main__":
