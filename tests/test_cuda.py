@@ -6,7 +6,8 @@ Vulkan backend (a GPU's driver, or lavapipe here).
 The arbiter is the model each file holds (parity.file_model: its tensors read back into the
 PyTorch model, float64), as for the other targets' quantized tests: `scripts/check_cuda --prepare`
 computed its greedy continuation and its logits where torch and our pins are. The GPU backend is
-fed that continuation and held to those logits; so is the build's own CPU backend, beside it. The
+fed that continuation and held to those logits; the build's own CPU backend runs beside it, its
+error printed for comparison. The
 GPU machine's Python has other pins (torch 2.11, transformers 5), so these tests use numpy, gguf-py
 and the build alone. Environment (set by scripts/check_cuda):
   MEKI_GPU_BIN        the build's bin folder (llama-logits, test-backend-ops)
