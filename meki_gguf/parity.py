@@ -80,13 +80,16 @@ def near_ties(logits: np.ndarray, ref: np.ndarray) -> int:
     return int((gap <= np.abs(logits[pos] - ref[pos]).max(-1)).sum())
 
 
+def log_softmax(x: np.ndarray) -> np.ndarray:
+    """Per row, in x's float type."""
+    x = np.asarray(x)
+    x = x - x.max(-1, keepdims=True)
+    return x - np.log(np.exp(x).sum(-1, keepdims=True))
+
+
 def kl(ref: np.ndarray, logits: np.ndarray) -> np.ndarray:
     """Per position (row): KL(softmax(ref) || softmax(logits)) in nats, in float64."""
-    def log_softmax(x: np.ndarray) -> np.ndarray:
-        x = np.asarray(x, np.float64)
-        x = x - x.max(-1, keepdims=True)
-        return x - np.log(np.exp(x).sum(-1, keepdims=True))
-    lp, lq = log_softmax(ref), log_softmax(logits)
+    lp, lq = log_softmax(np.asarray(ref, np.float64)), log_softmax(np.asarray(logits, np.float64))
     return (np.exp(lp) * (lp - lq)).sum(-1)
 
 

@@ -152,17 +152,22 @@ def table_spec(src: Path, table_type: str | None = None, table_bits: float | Non
             "row_order": row_order_from_text(src, row_order_text) if row_order_text else None}
 
 
+def text_ids(model: Path, text: Path) -> tuple[np.ndarray, int]:
+    """(the token ids of the file `text` by the model's tokenizer, no BOS; the vocabulary's size)."""
+    from .runtime import load
+    llm = load(model, n_ctx=16, vocab_only=True)
+    try:
+        data = Path(text).read_bytes()
+    except OSError as e:
+        raise MekiError(f"{text}: {e.strerror}") from None
+    return np.asarray(llm.tokenize(data, add_bos=False, special=False), np.int64), llm.n_vocab()
+
+
 def row_order_from_text(model: Path, text: Path) -> np.ndarray:
     """A row order measured on a text (docs/FORMAT.md): the model's tokens of `text` by frequency,
     the most frequent first (ties by id), then the tokens the text does not use, by id;
     row_order[token] = row."""
-    from .runtime import load
-    llm = load(model, n_ctx=16, vocab_only=True)
-    V = llm.n_vocab()
-    try:
-        ids = np.asarray(llm.tokenize(Path(text).read_bytes(), add_bos=False, special=False), np.int64)
-    except OSError as e:
-        raise MekiError(f"--row-order-text {text}: {e.strerror}") from None
+    ids, V = text_ids(model, text)
     if len(ids) == 0:
         raise MekiError(f"--row-order-text {text}: no tokens in it")
     token_of_row = np.lexsort((np.arange(V), -np.bincount(ids, minlength=V)))
@@ -338,18 +343,19 @@ def column_scales(table: gguf.ReaderTensor, chunk: int = 8192) -> np.ndarray:
 
 
 def rewrite(src: Path, dst: Path, replace: dict | None = None, add: dict | None = None, drop: tuple = (),
-            add_kv: dict | None = None) -> Path:
+            add_kv: dict | None = None, arch: str | None = None, key=lambda name: name) -> Path:
     """Copy the GGUF `src` to `dst`: every key, every tensor as it is except those `replace`d (by
     an array or a gguf.LazyChunkedTensor) or dropped, then the `add`ed ones; `add_kv`: keys to add
-    ({key: (value, GGUFValueType, sub-type or None)})."""
+    ({key: (value, GGUFValueType, sub-type or None)}); `arch`: another architecture, and `key`
+    each key's new name (None: dropped)."""
     replace, add = replace or {}, add or {}
     reader = gguf.GGUFReader(src)
-    w = gguf.GGUFWriter(dst, arch=reader.fields[gguf.Keys.General.ARCHITECTURE].contents())
+    w = gguf.GGUFWriter(dst, arch=arch or reader.fields[gguf.Keys.General.ARCHITECTURE].contents())
     for f in reader.fields.values():
-        if f.name == gguf.Keys.General.ARCHITECTURE or f.name.startswith("GGUF."):
+        if f.name == gguf.Keys.General.ARCHITECTURE or f.name.startswith("GGUF.") or key(f.name) is None:
             continue
         vt = f.types[0]
-        w.add_key_value(f.name, f.contents(), vt, sub_type=f.types[-1] if vt == gguf.GGUFValueType.ARRAY else None)
+        w.add_key_value(key(f.name), f.contents(), vt, sub_type=f.types[-1] if vt == gguf.GGUFValueType.ARRAY else None)
     for key, (value, vt, sub) in (add_kv or {}).items():
         w.add_key_value(key, value, vt, sub_type=sub)
     for t in reader.tensors:

@@ -97,15 +97,16 @@ def machine_cpu() -> tuple[float, float]:
     return (f[0] + f[1] + f[2] + f[5] + f[6]) / hz, f[7] / hz
 
 
-def llama_bench(path: Path, threads: int, pp: int, tg: int, warmup: bool = True) -> dict:
+def llama_bench(path: Path, threads: int, pp: int, tg: int, warmup: bool = True, args: list[str] = (),
+                env: dict | None = None) -> dict:
     """One llama-bench call, one repetition: {'pp'|'tg': t/s (wall clock), 'cpu': CPU seconds of
     the whole process (load, warm-up and run), 'wall': its seconds, 'others': CPU seconds the rest
     of the machine used meanwhile, 'steal': ..., 'build': ...}. 'others' is what says whether the
     machine was quiet: with 2 threads on 2 cores any other work lands on a core ggml spins on."""
     cmd = [str(llama_tool("llama-bench")), "-m", str(path), "-p", str(pp), "-n", str(tg), "-r", "1",
-           "-t", str(threads), "-o", "json"] + ([] if warmup else ["--no-warmup"])
+           "-t", str(threads), "-o", "json", *args] + ([] if warmup else ["--no-warmup"])
     before, (busy0, steal0), t0 = resource.getrusage(resource.RUSAGE_CHILDREN), machine_cpu(), time.monotonic()
-    p = subprocess.run(cmd, capture_output=True, text=True)
+    p = subprocess.run(cmd, capture_output=True, text=True, env=env)
     after, (busy1, steal1), t1 = resource.getrusage(resource.RUSAGE_CHILDREN), machine_cpu(), time.monotonic()
     if p.returncode != 0:
         raise SystemExit(f"llama-bench failed on {path.name}:\n{p.stderr[-2000:]}")

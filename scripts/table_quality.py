@@ -47,7 +47,7 @@ import numpy as np  # noqa: E402
 
 from meki_gguf.quantize import (DEFAULT_METHOD, FLOAT_TYPES, TABLE, TABLE_TYPES, WEIGHTED,  # noqa: E402
                                 block_size, file_scales, methods_for, quantize, read_table_info, rewrite,
-                                row_order_from_text)
+                                row_order_from_text, text_ids)
 from meki_gguf.runtime import llama_tool, read_header  # noqa: E402
 
 DEFAULT_TEXT = Path("/usr/share/common-licenses/GPL-3")
@@ -137,9 +137,7 @@ def with_table(src: Path, dst: Path, table: np.ndarray) -> Path:
 
 def text_tokens(model: Path, text: Path, ctx: int, chunks: int) -> np.ndarray:
     """The token ids llama-perplexity evaluates (the first chunks x ctx of the text)."""
-    from llama_cpp import Llama
-    llm = Llama(str(model), vocab_only=True, verbose=False)
-    return np.array(llm.tokenize(text.read_bytes(), add_bos=False)[: chunks * ctx])
+    return text_ids(model, text)[0][: chunks * ctx]
 
 
 def main() -> None:
@@ -289,18 +287,22 @@ def what_if(args, model: Path, base: Path, tmp: Path, L: int, m: int, V: int, re
         print(f"| all | {kld:.6f} | {top:.2f}% |")
 
 
+def scored(ctx: int) -> slice:
+    """The positions of a chunk that llama-perplexity scores: its second half (position i predicts
+    token i + 1)."""
+    return slice(ctx // 2, ctx - 1)
+
+
 def log_probs(model: Path, ids: np.ndarray, ctx: int, threads: int):
-    """Per chunk of `ctx` tokens, the model's log-probabilities at the positions llama-perplexity
-    scores (the second half of the chunk; position i predicts token i + 1), float32."""
+    """Per chunk of `ctx` tokens, the model's log-probabilities at the scored positions, float32."""
     from meki_gguf import runtime
+    from meki_gguf.parity import log_softmax
     llm = runtime.load(model, n_ctx=ctx, n_batch=ctx, n_ubatch=ctx, logits_all=True, n_threads=threads,
                        n_threads_batch=threads)
     for lo in range(0, len(ids) - ctx + 1, ctx):
         llm.reset()
         llm.eval([int(t) for t in ids[lo:lo + ctx]])
-        x = np.array(llm.scores[ctx // 2:ctx - 1], np.float32)
-        x -= x.max(-1, keepdims=True)
-        yield x - np.log(np.exp(x).sum(-1, keepdims=True))
+        yield log_softmax(np.array(llm.scores[scored(ctx)], np.float32))
 
 
 def position_kl(model: Path, ids: np.ndarray, ctx: int, threads: int, base: list[Path]) -> tuple[np.ndarray, np.ndarray]:
@@ -324,7 +326,7 @@ def tiers(args, model: Path, tmp: Path, L: int, m: int, V: int) -> None:
     scored position of the text; the cold-token KLD of each two-tier table, and of every single type
     on the same positions."""
     ids = text_tokens(model, args.text, args.ctx, args.chunks)
-    scored = np.concatenate([ids[lo + args.ctx // 2:lo + args.ctx - 1] for lo in range(0, len(ids) - args.ctx + 1, args.ctx)])
+    inputs = np.concatenate([ids[lo:lo + args.ctx][scored(args.ctx)] for lo in range(0, len(ids) - args.ctx + 1, args.ctx)])
     order = row_order_from_text(model, args.row_order_text) if args.row_order_text else np.arange(V)
     base = [tmp / f"base-{i}.npy" for i in range(args.chunks)]
     position_kl(model, ids, args.ctx, args.threads, base)                       # the f32 table's own
@@ -348,7 +350,7 @@ def tiers(args, model: Path, tmp: Path, L: int, m: int, V: int) -> None:
         q = table(spec, lambda q: quantize(model, q, hot, cold_type=cold, hot_rows=k,
                                            row_order=order if args.row_order_text else None, threads=args.threads))
         kl, same = position_kl(q, ids, args.ctx, args.threads, base)
-        is_cold = order[scored] >= k
+        is_cold = order[inputs] >= k
         share = float((order[ids] < k).mean())
         runs[spec] = {"bits": (k * bits(hot) + (V - k) * bits(cold)) / V, "share": share, "cold": is_cold,
                       "per_token": L * m * (share * bits(hot) + (1 - share) * bits(cold)) / 8,
@@ -356,7 +358,7 @@ def tiers(args, model: Path, tmp: Path, L: int, m: int, V: int) -> None:
         print(f"{spec:20} {runs[spec]['bits']:.2f} bits  hot share {share:.1%}  KLD {kl.mean():.6f}  "
               f"cold-token KLD {kl[is_cold].mean():.6f}  top-1 {100 * same.mean():.2f}%", file=sys.stderr, flush=True)
     res = {"model": str(model), "name": args.name, "text": str(args.text), "ctx": args.ctx, "chunks": args.chunks,
-           "L": L, "m": m, "V": V, "order": str(args.row_order_text or "token ids"), "positions": int(len(scored)),
+           "L": L, "m": m, "V": V, "order": str(args.row_order_text or "token ids"), "positions": int(len(inputs)),
            "runs": {s: {k: (v.tolist() if isinstance(v, np.ndarray) else v) for k, v in r.items()} for s, r in runs.items()}}
     (BENCH / f"table-tiers-{args.name}-{args.text.stem}{order_tag}.json").write_text(json.dumps(res))
     print(tiers_markdown(res))
