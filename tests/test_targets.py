@@ -27,7 +27,7 @@ import pytest
 from meki_gguf import parity, runtime
 from meki_gguf.parity import MAX_MEAN_KL, MAX_REL_ERR, MIN_TOP1
 from meki_gguf.quantize import quantize
-from llama_logs import DEVICE_OPS, OUTSIDE_USE, backend_ops, model_buffers, split_inputs
+from llama_logs import DEVICE_OPS, LAVAPIPE_PARAMS, OUTSIDE_USE, backend_ops, model_buffers, split_inputs
 from meki_models import TINY, build
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -223,6 +223,7 @@ def test_vulkan_table_stays_on_the_host(big, ngl):
 
 @pytest.mark.parametrize("ops,params", DEVICE_OPS, ids=[o.split(",")[0] if p is None else o for o, p in DEVICE_OPS])
 def test_vulkan_backend_ops(ops, params):
+    params = LAVAPIPE_PARAMS.get(ops, params)
     passed, total, unsupported, failed = backend_ops(tool("vulkan", "test-backend-ops"), "Vulkan0", ops, params, VK_ENV,
                                                    per_case=True)
     print(f"\ntest-backend-ops -b Vulkan0 -o {ops}{' -p ' + params if params else ''}: {passed}/{total} cases passed, "
@@ -231,32 +232,45 @@ def test_vulkan_backend_ops(ops, params):
     assert all(OUTSIDE_USE.search(u) for u in unsupported), [u for u in unsupported if not OUTSIDE_USE.search(u)]
 
 
-def vk_dispatches(path: Path) -> dict[str, int]:
-    """One decode step on lavapipe in the graph's own node order (ggml-vulkan's reordering off: the
-    order CUDA runs it in): {dispatch: count} from ggml-vulkan's perf logger, fused ops by their
-    fused names (MUL_MAT_ADD ...)."""
-    env = {**VK_ENV, "GGML_VK_PERF_LOGGER": "1", "GGML_VK_DISABLE_GRAPH_OPTIMIZE": "1"}
+def vk_dispatches(path: Path, reorder: bool, env: dict | None = None) -> dict[str, int]:
+    """One decode step on lavapipe: {dispatch: count} from ggml-vulkan's perf logger, fused ops by
+    their fused names (MUL_MAT_ADD ...); in the graph's own node order (the order CUDA runs it in)
+    or in ggml-vulkan's reordering (its default)."""
+    env = {**VK_ENV, **(env or {}), "GGML_VK_PERF_LOGGER": "1"}
+    if not reorder:
+        env["GGML_VK_DISABLE_GRAPH_OPTIMIZE"] = "1"
     log = parity.tool_greedy(tool("vulkan"), path, [1, 2, 3, 4], 2, args=["-ngl", "99"], env=env)[2]
     last = log.split("Vulkan Timings:")[-1]
     return {name: int(n) for name, n in re.findall(r"^(.+?): (\d+) x ", last, re.M)}
 
 
-def test_vulkan_fuses_the_residual_add_as_in_the_dense_layer(tmp_path):
-    """The branch costs 5 dispatches a layer in decode (its gate's product, sigmoid, the row's add,
-    its output product, its norm + weight + residual add fused) and 2 a graph (the gather's layer-major
-    copy and the last layer's rows); the FFN's down projection keeps its fused residual add, as in
-    the dense twin (meki.cpp builds the branch first for that; BENCHMARKS.md, "On a GPU")."""
+@pytest.mark.parametrize("reorder", [False, True], ids=["graph-order", "reordered"])
+def test_vulkan_branch_dispatches(tmp_path, reorder):
+    """The branch costs 2 dispatches a layer in decode, its two products with their epilogues fused
+    (MUL_MAT_SIGMOID_ADD: the gate's sigmoid and the table row's add; MUL_MAT_RMS_NORM_MUL_ADD: the
+    output norm, its weight and the residual add), and 2 a graph (the gather's layer-major copy and
+    the last layer's rows), in the graph's order and in ggml-vulkan's reordering; the FFN's down
+    projection keeps its fused residual add, as in the dense twin (meki.cpp builds the branch first
+    for that). Without the two fusions (GGML_VK_DISABLE_MMV_*_FUSION) the branch is 5 a layer in
+    graph order and 6 reordered (docs/BENCHMARKS.md, "On a GPU")."""
     from meki_gguf.synth import Shape, write_model
     from meki_gguf.tokenizer import tokenizer_kv
     kv = tokenizer_kv(ROOT / "build" / "src" / "models" / "ggml-vocab-qwen2.gguf", 151680)
     shape = Shape("meki-small", n_layer=4, d=512, m=64, ff=1536, n_head=8, n_kv_head=4, head_dim=64)
-    meki, dense = (vk_dispatches(write_model(s, tmp_path / f"{s.name}.gguf", "q8_0", "q8_0", tokenizer_kv=kv))
-                   for s in (shape, shape.dense()))
-    fused = {k: n for k, n in meki.items() if k.startswith("MUL_MAT_ADD")}
-    print(f"\ndecode dispatches on lavapipe, graph order: MeKi {sum(meki.values())}, dense {sum(dense.values())}; "
-          f"MUL_MAT_ADD {fused}")
-    assert fused == {k: n for k, n in dense.items() if k.startswith("MUL_MAT_ADD")}
-    assert sum(meki.values()) - sum(dense.values()) == 5 * shape.n_layer + 2
+    meki_file, dense_file = (write_model(s, tmp_path / f"{s.name}.gguf", "q8_0", "q8_0", tokenizer_kv=kv)
+                             for s in (shape, shape.dense()))
+    meki, dense = vk_dispatches(meki_file, reorder), vk_dispatches(dense_file, reorder)
+    off = {"GGML_VK_DISABLE_MMV_SIGMOID_FUSION": "1", "GGML_VK_DISABLE_MMV_RMS_NORM_FUSION": "1"}
+    before = vk_dispatches(meki_file, reorder, off)
+    fused = {k: n for k, n in meki.items() if k.startswith("MUL_MAT_")}
+    print(f"\ndecode dispatches on lavapipe, {'reordered' if reorder else 'graph order'}: MeKi {sum(meki.values())} "
+          f"(without the branch's fusions {sum(before.values())}), dense {sum(dense.values())}; fused {fused}")
+    assert {k: n for k, n in fused.items() if k.startswith("MUL_MAT_ADD")} == \
+        {k: n for k, n in dense.items() if k.startswith("MUL_MAT_ADD")}
+    assert sum(n for k, n in fused.items() if k.startswith("MUL_MAT_SIGMOID_ADD")) == shape.n_layer
+    assert sum(n for k, n in fused.items() if k.startswith("MUL_MAT_RMS_NORM_MUL_ADD")) == shape.n_layer
+    assert sum(meki.values()) - sum(dense.values()) == 2 * shape.n_layer + 2
+    assert sum(before.values()) - sum(dense.values()) == (6 if reorder else 5) * shape.n_layer + 2
 
 
 def test_vulkan_from_python(files, prompt):
