@@ -104,7 +104,7 @@ def build_target(target: str, jobs: int) -> None:
     scripts/check_cuda calls it on a GPU machine with a tree laid out here and carried there."""
     flags = TARGETS[target][0]
     if target == "cuda":
-        flags = [*flags, f"-DCMAKE_CUDA_ARCHITECTURES={cuda_arch()}"]
+        flags = [*flags, f"-DCMAKE_CUDA_ARCHITECTURES={cuda_arch()}", *cuda_toolkit_flags()]
     with step(3, f"build the patched llama.cpp for {target}"):
         cmake_build(SRC, BUILD / target, ["llama", *TARGET_TOOLS], jobs, flags)
     log(f"done: tools in build/{target}/bin")
@@ -121,6 +121,41 @@ def cuda_arch() -> str:
     except (OSError, subprocess.CalledProcessError) as e:
         sys.exit(f"error: --cuda: no NVIDIA GPU found ({e}); set CUDAARCHS (e.g. 90) to build for one elsewhere")
     return ";".join(sorted({cap.replace(".", "") for cap in out}))
+
+
+def cuda_toolkit_flags() -> list[str]:
+    """What a CUDA toolkit without cuBLAS or the driver needs to build ggml-cuda (a machine without a
+    GPU that only compiles, scripts/check_cuda_build; none on a GPU machine): NVIDIA's cuBLAS wheel
+    for nvcc's major version (pip download, once, into build/dl/cublas-<major>), and no VMM pool
+    where there is no libcuda.so to link (ggml-cuda then allocates with cudaMalloc)."""
+    nvcc = shutil.which("nvcc")
+    if nvcc is None:
+        sys.exit("error: --cuda: no nvcc on PATH")
+    toolkit = Path(nvcc).resolve().parents[1]
+    flags = []
+    if not any(toolkit.glob("**/cublas_v2.h")):
+        major = re.search(r"release (\d+)", subprocess.run([nvcc, "--version"], capture_output=True, text=True).stdout).group(1)
+        wheel_dir = BUILD / "dl" / f"cublas-{major}"
+        if not any(wheel_dir.glob("**/cublas_v2.h")):
+            log(f"no cuBLAS in {toolkit}: fetching NVIDIA's cuBLAS wheel for CUDA {major} into {wheel_dir.relative_to(ROOT)}")
+            name = "nvidia-cublas" if int(major) >= 13 else f"nvidia-cublas-cu{major}"
+            with tempfile.TemporaryDirectory() as tmp:
+                run([sys.executable, "-m", "pip", "download", "-q", "--no-deps", "-d", tmp, f"{name}>={major},<{int(major) + 1}"])
+                import zipfile
+                with zipfile.ZipFile(next(Path(tmp).glob("*.whl"))) as z:
+                    z.extractall(wheel_dir)
+        include = next(wheel_dir.glob("**/cublas_v2.h")).parent
+        lib = include.parent / "lib"
+        for name in ("cublas", "cublasLt"):
+            link = lib / f"lib{name}.so"
+            if not link.exists():
+                link.symlink_to(next(lib.glob(f"lib{name}.so.*")).name)
+        flags += [f"-DCUDA_cublas_LIBRARY={lib / 'libcublas.so'}", f"-DCUDA_cublasLt_LIBRARY={lib / 'libcublasLt.so'}",
+                  f"-DCMAKE_CUDA_FLAGS=-I{include}", f"-DCMAKE_CXX_FLAGS=-I{include}"]
+    import ctypes.util
+    if not any(toolkit.glob("**/libcuda.so")) and ctypes.util.find_library("cuda") is None:
+        flags.append("-DGGML_CUDA_NO_VMM=ON")
+    return flags
 
 
 # The sanitizer build. Every binary uses clang's *shared* ASan runtime, so that the tools and a
@@ -239,7 +274,7 @@ PATCHES = ROOT / "patches" / "llama.cpp"
 def patch_header(p: Path) -> dict:
     """A patch's header, the commit message above its diff (as git format-patch writes it, which
     git apply skips): subject, body, and its trailers: Kind (meki: the architecture; fix: a
-    general fix; tool: meki-gguf's own test tool), New-file (files of cpp/ that belong to it),
+    general fix; perf: a backend's general fusion; tool: meki-gguf's own test tool), New-file (files of cpp/ that belong to it),
     Upstream-has (FILE: TEXT, upstream's own form of the change) and Requires (FILE: TEXT, the
     upstream code the patch changes, which older trees lack)."""
     head = p.read_text().split("\ndiff --git ", 1)[0].removesuffix("\n---")
