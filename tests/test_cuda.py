@@ -14,6 +14,7 @@ and the build alone. Environment (set by scripts/check_cuda):
   MEKI_GPU_DEVICE     the device's name in ggml (CUDA0, Vulkan0)
   MEKI_GPU_FILES      the folder `scripts/check_cuda --prepare` wrote (manifest.json)
   MEKI_GPU_PLACEMENT  a paper-shaped MeKi twin (meki_gguf.synth), for the placement test
+  MEKI_GPU_LAVAPIPE   1 for Mesa's lavapipe (a dry run here): test-backend-ops as tests/test_targets.py runs it
 Figures are printed: run with -s to see them.
 """
 from __future__ import annotations
@@ -28,7 +29,7 @@ import pytest
 
 from meki_gguf import parity, runtime
 from meki_gguf.parity import MAX_MEAN_KL, MAX_REL_ERR, MIN_TOP1
-from llama_logs import DEVICE_OPS, OUTSIDE_USE, backend_ops, model_buffers, split_inputs
+from llama_logs import DEVICE_OPS, LAVAPIPE_PARAMS, OUTSIDE_USE, backend_ops, model_buffers, split_inputs
 
 pytestmark = pytest.mark.cuda
 
@@ -136,8 +137,11 @@ def test_table_stays_on_the_host(gpu):
 
 @pytest.mark.parametrize("ops,params", DEVICE_OPS, ids=[o.split(",")[0] if p is None else o for o, p in DEVICE_OPS])
 def test_backend_ops(gpu, ops, params):
+    # lavapipe (a dry run of the check here): its filters and one process per case, as in test_targets.py
+    lavapipe = os.environ.get("MEKI_GPU_LAVAPIPE") == "1"
+    params = LAVAPIPE_PARAMS.get(ops, params) if lavapipe else params
     passed, total, unsupported, failed = backend_ops(gpu["bin"] / "test-backend-ops", gpu["device"], ops, params,
-                                                     per_case=gpu["device"].startswith("Vulkan"))
+                                                     per_case=lavapipe)
     print(f"\ntest-backend-ops -b {gpu['device']} -o {ops}{' -p ' + params if params else ''}: {passed}/{total} "
           f"cases passed, {len(unsupported)} not supported")
     assert not failed, failed[0]
