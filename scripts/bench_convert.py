@@ -335,6 +335,7 @@ def main() -> None:
     if unknown := [e for e in envs if e not in ENVS]:
         ap.error(f"unknown environment {unknown[0]!r} (choose from {', '.join(ENVS)})")
 
+    OUT.mkdir(parents=True, exist_ok=True)
     tokenizer = VOCAB
     if not tokenizer.is_file():                          # no llama.cpp source tree: a tiny tokenizer
         sys.path.insert(0, str(ROOT))

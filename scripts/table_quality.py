@@ -73,11 +73,12 @@ def random_model(path: Path) -> Path:
 def demo_inputs(out: Path, d_mem: int) -> tuple[Path, Path]:
     """The trained demo model (scripts/train_demo.py's cached checkpoint, default run at m = d_mem)
     converted with an f32 table, and its held-out pages (the same split) as one text file."""
-    runs = sorted((ROOT / "build" / "demo").glob(f"s0-n240-*-m{d_mem}-*/meki-demo"))
+    # the first demo's recipe (240 steps, pages only), on which docs/BENCHMARKS.md measured the types
+    runs = sorted((ROOT / "build" / "demo").glob(f"s0-n240-b8-*-m{d_mem}-*-v4096/meki-demo"))
     docs = ROOT / "build" / "demo" / "docs.json"
     if not runs or not docs.is_file():
-        raise SystemExit(f"no trained demo checkpoint with m = {d_mem} in build/demo/: run "
-                         f"scripts/train_demo.py --d-mem {d_mem} --skip-bench first")
+        raise SystemExit(f"no trained demo checkpoint with m = {d_mem} in build/demo/: run scripts/train_demo.py "
+                         f"--d-mem {d_mem} --steps 240 --batch 8 --no-qa --eval-every 240 --skip-bench first")
     model, text = out / f"meki-demo-m{d_mem}-f32.gguf", out / "meki-demo-heldout.txt"
     if not model.exists():
         from meki_gguf.checkpoint import load_checkpoint
@@ -85,7 +86,7 @@ def demo_inputs(out: Path, d_mem: int) -> tuple[Path, Path]:
         write_gguf(load_checkpoint(runs[-1]), model, outtype="f16", table_type="f32", progress=False)
     if not text.exists():
         sys.path.insert(0, str(ROOT / "scripts"))
-        from train_demo import split
+        from demo_corpus import split
         _, held = split(json.loads(docs.read_text()), 0)
         text.write_text("\n\n".join(t for _, t in held))
     return model, text
@@ -165,6 +166,7 @@ def main() -> None:
     if args.plot:
         return plot()
 
+    BENCH.mkdir(parents=True, exist_ok=True)             # a fresh clone has no build/bench
     name, own_text = "random", args.text
     if args.demo:
         args.model, demo_text = demo_inputs(BENCH, args.d_mem)
@@ -212,7 +214,6 @@ def main() -> None:
     res = {"model": str(model), "name": name, "text": str(args.text), "ctx": args.ctx, "chunks": args.chunks,
            "L": L, "m": m, "V": V, "ref_ppl": ref_ppl, "default": {t: DEFAULT_METHOD.get(t, "plain") for t in types},
            "rows": rows}
-    BENCH.mkdir(parents=True, exist_ok=True)
     (BENCH / f"table-quality-{name}.json").write_text(json.dumps(res, indent=1))
     print(markdown(res))
 
