@@ -317,8 +317,9 @@ def chat(model: Path | None, system: str | None, n: int, temp: float, seed: int 
          table_resident: bool):
     """Chat with the MeKi GGUF MODEL (default: the embedded trained demo model).
 
-    The file's chat template formats the conversation, which is kept until the end. Type /exit
-    or press Ctrl-D to quit; Ctrl-C stops a reply (and quits at the prompt).
+    The file's chat template formats the conversation. It is kept while it leaves room for a reply
+    in the context (-c, by default the model's training context); then its oldest exchanges are
+    dropped. Type /exit or press Ctrl-D to quit; Ctrl-C stops a reply (and quits at the prompt).
     """
     from .runtime import load
 
@@ -342,6 +343,7 @@ def chat(model: Path | None, system: str | None, n: int, temp: float, seed: int 
         if not line.strip():
             continue
         history.append({"role": "user", "content": line})
+        history = _fit(llm, history, len(start), n)
         reply = ""
         try:
             for chunk in llm.create_chat_completion(history, max_tokens=n, temperature=temp, seed=seed, stream=True):
@@ -359,9 +361,24 @@ def chat(model: Path | None, system: str | None, n: int, temp: float, seed: int 
         history.append({"role": "assistant", "content": reply})
 
 
+def _fit(llm, history: list[dict], keep: int, reply_tokens: int) -> list[dict]:
+    """The conversation without its oldest exchanges (after the first `keep` messages) until it
+    leaves room for a reply of reply_tokens, or half the context (the template's few tokens per
+    message counted roughly)."""
+    room = min(reply_tokens, llm.n_ctx() // 2)
+
+    def tokens(messages):
+        return sum(len(llm.tokenize(m["content"].encode(), add_bos=False)) + 8 for m in messages)
+
+    while len(history) > keep + 1 and tokens(history) + room > llm.n_ctx():
+        drop = 2 if history[keep]["role"] == "user" and len(history) > keep + 2 else 1
+        history = history[:keep] + history[keep + drop:]
+    return history
+
+
 @main.command()
 @click.option("-n", "--n-predict", "n", default=32, show_default=True, help="Greedy tokens to generate and compare.")
-@click.option("--n-chat", default=64, show_default=True, help="Tokens of the trained model's reply.")
+@click.option("--n-chat", default=200, show_default=True, help="Tokens of the trained model's reply at most.")
 def demo(n: int, n_chat: int):
     """The main job in one command: build a small MeKi checkpoint (random weights, official
     Megatron-LM layout) in the cache folder, convert it, run it through the patched llama.cpp and
@@ -402,13 +419,18 @@ def demo(n: int, n_chat: int):
     from .runtime import load
     model = d.default_model(log=click.echo)
     click.echo(f"\nchat        {model} ({_size(model.stat().st_size)}; `meki-gguf chat` continues from here)")
+    if (about := d.embedded_summary()) and model == d.EMBEDDED:
+        click.echo(f"            {about}")
     click.echo(f"> {d.CHAT_PROMPT}")
     llm = load(model, n_ctx=0)
+    finish = None
     for chunk in llm.create_chat_completion([{"role": "user", "content": d.CHAT_PROMPT}],
-                                            max_tokens=n_chat, temperature=0.7, top_p=0.9,
-                                            repeat_penalty=1.3, seed=1, stream=True):
+                                            max_tokens=n_chat, stream=True, **d.CHAT_SAMPLING):
         click.echo(chunk["choices"][0]["delta"].get("content") or "", nl=False)
+        finish = chunk["choices"][0].get("finish_reason") or finish
     click.echo()
+    click.echo("            (the reply ended with <|im_end|>)" if finish == "stop" else
+               f"            (the reply reached the {n_chat}-token limit)")
 
 
 # The patched llama.cpp's own tools, from wherever meki-gguf is installed:

@@ -28,7 +28,24 @@ SEED = 0
 PROMPT = "Once upon a time, a small model kept its memory on disk."
 NAME = "meki-demo-random-2.gguf"     # bump the name when CONFIG or the recipe changes
 EMBEDDED = Path(__file__).parent / "data" / "meki-demo.gguf"   # regenerate: scripts/train_demo.py --install
+PROVENANCE = EMBEDDED.with_suffix(".json")
+# a question the embedded model did not train on (no training conversation asks it; scripts/train_demo.py
+# checks), about pages it did train on (the tutorial's "Reading and Writing Files")
 CHAT_PROMPT = "How do I read a file line by line?"
+# the demo's chat turn and the held-out answers in docs/TRAINED_DEMO.md (scripts/train_demo.py)
+CHAT_SAMPLING = dict(temperature=0.7, top_p=0.9, repeat_penalty=1.1, seed=1)
+
+
+def embedded_summary() -> str:
+    """The embedded model's measured quality beside its dense twin's, from its provenance."""
+    import json
+    try:
+        p = json.loads(PROVENANCE.read_text())
+        tokens = p["provenance"]["training_tokens_per_model"]
+        return (f"trained on {tokens / 1e6:.1f}M tokens of the Python documentation; held-out perplexity "
+                f"{p['meki']['heldout_ppl']:.1f}, its dense twin's {p['dense']['heldout_ppl']:.1f} (docs/TRAINED_DEMO.md)")
+    except (OSError, KeyError, ValueError):
+        return ""
 
 
 def cache_dir() -> Path:

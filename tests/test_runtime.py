@@ -811,6 +811,16 @@ def test_runtime_commands_run_without_the_converter(base, tmp_path):
     assert r.returncode == 1 and r.stderr.count("\n") == 1 and "pip install 'meki-gguf[convert]'" in r.stderr, r.stderr
 
 
+def test_cli_chat_drops_old_exchanges():
+    """A conversation longer than the context goes on: the oldest exchanges are dropped, so that
+    each question still gets a reply (-c 256: eight long questions overflow it)."""
+    question = "Tell me about the for statement, the while statement and the with statement in Python. " * 3
+    r = run_cli("chat", "-c", 256, "-n", 16, "--temp", 0, "--seed", 1, input=(question + "\n") * 8 + "/exit\n")
+    assert r.returncode == 0, r.stderr
+    assert "no longer fits" not in r.stderr, r.stderr       # what the fifth question got before
+    assert r.stdout.strip()
+
+
 def test_cli_demo_then_chat_with_the_demo_model(tmp_path):
     env = {"MEKI_GGUF_CACHE": str(tmp_path / "cache")}
     t = time.time()
@@ -822,6 +832,7 @@ def test_cli_demo_then_chat_with_the_demo_model(tmp_path):
     assert err <= MAX_REL_ERR and "32/32 tokens identical" in r.stdout
     assert took < 60
     assert "> How do I read a file" in r.stdout                 # one turn with the trained model
+    assert "held-out perplexity" in r.stdout                     # beside its dense twin's
     r = run_cli("chat", "-n", 8, env=env, input="hi\n/exit\n")  # no MODEL: the embedded trained model
     assert r.returncode == 0 and "building" not in r.stderr, r.stderr
     assert "meki-demo.gguf:" in r.stderr, r.stderr
