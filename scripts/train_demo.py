@@ -595,7 +595,7 @@ def table(res: dict) -> str:
             ("held-out loss (nats/token)", f"{m['heldout_loss']:.4f}", f"{d['heldout_loss']:.4f}"),
             ("**held-out perplexity** (PyTorch, f32)", f"**{m['heldout_ppl']:.2f}**", f"**{d['heldout_ppl']:.2f}**"),
             ("answer loss, held-out questions (nats/token)", f"{m['answer_loss']:.4f}", f"{d['answer_loss']:.4f}"),
-            ("P(<\\|im_end\\|>) after a whole held-out answer / inside the answers (mean of 16)",
+            ("P(<\\|im_end\\|>) after a whole held-out answer / inside the answers (mean over the held-out examples that fit the context)",
              *(f"{res['stop_probability'][k]['at_end']:.3f} / {res['stop_probability'][k]['inside']:.4f}" for k in ("meki", "dense"))),
             ("GGUF", f"f16 + q8_0 table, {res['sizes_bytes']['meki_gguf'] / 1e6:.1f} MB",
              f"f16 `qwen2`, {res['sizes_bytes']['dense_gguf'] / 1e6:.1f} MB"),
