@@ -366,13 +366,10 @@ def _fit(llm, history: list[dict], keep: int, reply_tokens: int) -> list[dict]:
     leaves room for a reply of reply_tokens, or half the context (the template's few tokens per
     message counted roughly)."""
     room = min(reply_tokens, llm.n_ctx() // 2)
-
-    def tokens(messages):
-        return sum(len(llm.tokenize(m["content"].encode(), add_bos=False)) + 8 for m in messages)
-
-    while len(history) > keep + 1 and tokens(history) + room > llm.n_ctx():
+    sizes = [len(llm.tokenize(m["content"].encode(), add_bos=False)) + 8 for m in history]
+    while len(history) > keep + 1 and sum(sizes) + room > llm.n_ctx():
         drop = 2 if history[keep]["role"] == "user" and len(history) > keep + 2 else 1
-        history = history[:keep] + history[keep + drop:]
+        history, sizes = history[:keep] + history[keep + drop:], sizes[:keep] + sizes[keep + drop:]
     return history
 
 

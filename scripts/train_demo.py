@@ -61,6 +61,7 @@ import torch.nn as nn  # noqa: E402
 from demo_corpus import (LICENSE, PACKAGE, chat_prompt, chat_turn, deb_file, documents,  # noqa: E402
                          fetch_corpus, qa_pairs, split)
 from meki_gguf.demo import CHAT_PROMPT, CHAT_SAMPLING  # noqa: E402
+from meki_gguf.atomic import replace_atomically  # noqa: E402
 from meki_gguf.model import MekiConfig, MekiForCausalLM  # noqa: E402
 
 
@@ -70,9 +71,8 @@ def log(*a):
 
 def cached_json(path: Path, make):
     if not path.is_file():
-        tmp = path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(make()))
-        os.replace(tmp, path)
+        data = json.dumps(make())
+        replace_atomically(path, lambda tmp: tmp.write_text(data))
     return json.loads(path.read_text())
 
 
@@ -200,9 +200,7 @@ def evaluate(model, held: torch.Tensor, qa, ctx: int) -> dict:
 
 
 def save_atomic(obj, path: Path):
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
+    replace_atomically(path, lambda tmp: torch.save(obj, tmp))
 
 
 def train(model, name: str, data: torch.Tensor, starts: torch.Tensor, held: torch.Tensor, qa, a, run: Path) -> dict:

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import shutil
 import subprocess
 import sys
@@ -27,7 +26,7 @@ import pytest
 from meki_gguf import parity, runtime
 from meki_gguf.parity import MAX_MEAN_KL, MAX_REL_ERR, MIN_TOP1
 from meki_gguf.quantize import quantize
-from llama_logs import DEVICE_OPS, LAVAPIPE_PARAMS, OUTSIDE_USE, backend_ops, model_buffers, split_inputs
+from llama_logs import DEVICE_OPS, LAVAPIPE_PARAMS, OUTSIDE_USE, backend_ops, model_buffers, split_inputs, vk_perf_blocks
 from meki_models import TINY, build
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -240,8 +239,7 @@ def vk_dispatches(path: Path, reorder: bool, env: dict | None = None) -> dict[st
     if not reorder:
         env["GGML_VK_DISABLE_GRAPH_OPTIMIZE"] = "1"
     log = parity.tool_greedy(tool("vulkan"), path, [1, 2, 3, 4], 2, args=["-ngl", "99"], env=env)[2]
-    last = log.split("Vulkan Timings:")[-1]
-    return {name: int(n) for name, n in re.findall(r"^(.+?): (\d+) x ", last, re.M)}
+    return dict(vk_perf_blocks(log)[-1])
 
 
 @pytest.mark.parametrize("reorder", [False, True], ids=["graph-order", "reordered"])
