@@ -31,8 +31,9 @@ meki_gguf/data/meki-demo.gguf with meki_gguf/data/meki-demo.json (its provenance
 docs/demo-curve.png.
 
 Deterministic given --seed (and the thread count: float summation order), on CPU; a resumed run
-gives the same files as an uninterrupted one. --device cuda runs the same recipe on a GPU (not
-bit-identical to the CPU's).
+gives the same files as an uninterrupted one; --no-twin trains, exports and checks MeKi alone (half
+the time), enough to check that a run reproduces the embedded file. --device cuda runs the same
+recipe on a GPU (not bit-identical to the CPU's).
 """
 from __future__ import annotations
 
@@ -424,9 +425,14 @@ def main():
     ap.add_argument("--bench-rounds", type=int, default=9)
     ap.add_argument("--skip-bench", action="store_true")
     ap.add_argument("--train-only", action="store_true", help="stop after training (no GGUF, no llama.cpp)")
+    ap.add_argument("--no-twin", dest="twin", action="store_false",
+                    help="MeKi alone: train it, export meki-demo.gguf, check it against PyTorch and stop "
+                         "(half the time; enough to check that a run reproduces the embedded file)")
     ap.add_argument("--install", action="store_true",
                     help="copy the MeKi GGUF and its provenance to meki_gguf/data/, the curve to docs/")
     a = ap.parse_args()
+    if a.install and not a.twin:
+        ap.error("--install needs the dense twin: meki-demo.json carries both perplexities")
     torch.set_num_threads(a.threads)
     torch.use_deterministic_algorithms(True)
     out = a.out
@@ -472,7 +478,7 @@ def main():
     meki = init_for_training(c, a.seed)
     dense = dense_twin(meki)
     n_params = lambda m: sum(p.numel() for p in m.parameters())  # noqa: E731
-    for name, model in (("meki", meki), ("dense", dense)):
+    for name, model in (("meki", meki), ("dense", dense))[: 2 if a.twin else 1]:
         ck = run / f"{name}.pt"
         if ck.is_file():
             model.load_state_dict(torch.load(ck, weights_only=True))
@@ -484,7 +490,8 @@ def main():
             save_atomic(model.state_dict(), ck)
             res_file.write_text(json.dumps(res, indent=1))
     meki.eval(), dense.eval()
-    plot(res, run / "curve.png")
+    if a.twin:
+        plot(res, run / "curve.png")
     if a.train_only:
         return
 
@@ -497,9 +504,14 @@ def main():
         shutil.copy(f, hf / f.name)
     meki_gguf = run / "meki-demo.gguf"
     write_gguf(load_checkpoint(hf), meki_gguf, outtype="f16", table_type="q8_0", tokenizer=tok_dir, progress=False)
-    dense_gguf = write_dense_qwen2(dense.state_dict(), c, tok_dir, run / "dense-twin.gguf", "dense-twin")
     probe = he_ids[:200].astype(int).tolist()
     res["check_meki"] = check_gguf(meki_gguf, meki, probe)
+    if not a.twin:
+        res["sha256"] = {"meki_gguf": hashlib.sha256(meki_gguf.read_bytes()).hexdigest()}
+        res_file.write_text(json.dumps(res, indent=1))
+        log(f"llama.cpp vs PyTorch: meki {res['check_meki']}; {meki_gguf}: sha256 {res['sha256']['meki_gguf']}")
+        return
+    dense_gguf = write_dense_qwen2(dense.state_dict(), c, tok_dir, run / "dense-twin.gguf", "dense-twin")
     res["check_dense"] = check_gguf(dense_gguf, dense, probe)
     log(f"llama.cpp vs PyTorch: meki {res['check_meki']}, dense {res['check_dense']}")
     res["sizes_bytes"] = {"meki_gguf": meki_gguf.stat().st_size, "dense_gguf": dense_gguf.stat().st_size}
