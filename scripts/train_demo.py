@@ -201,7 +201,10 @@ def evaluate(model, held: torch.Tensor, qa, ctx: int) -> dict:
 
 
 def save_atomic(obj, path: Path):
-    replace_atomically(path, lambda tmp: torch.save(obj, tmp))
+    def write(tmp: Path):
+        with open(tmp, "wb") as f:     # a file object: torch names the archive's members after a path, the temp's random one
+            torch.save(obj, f)
+    replace_atomically(path, write)
 
 
 def train(model, name: str, data: torch.Tensor, starts: torch.Tensor, held: torch.Tensor, qa, a, run: Path) -> dict:
