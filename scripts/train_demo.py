@@ -202,7 +202,9 @@ def evaluate(model, held: torch.Tensor, qa, ctx: int) -> dict:
 
 def save_atomic(obj, path: Path):
     def write(tmp: Path):
-        with open(tmp, "wb") as f:     # a file object: torch names the archive's members after a path, the temp's random one
+        # through a file object: given a path, torch names the archive's members after it (the
+        # temp file's random name), and two saves of the same weights would differ in bytes
+        with open(tmp, "wb") as f:
             torch.save(obj, f)
     replace_atomically(path, write)
 
