@@ -79,11 +79,6 @@ def cached_json(path: Path, make):
 
 # --- 2. tokenizer ------------------------------------------------------------------------------
 
-def train_tokenizer(texts: list[str], out_dir: Path, n_tokens: int) -> Path:
-    from meki_gguf.tokenizer import train_bpe_dir
-    return train_bpe_dir(texts, out_dir, n_tokens)
-
-
 def tokenizer(tok_dir: Path):
     from tokenizers import Tokenizer
     return Tokenizer.from_file(str(tok_dir / "tokenizer.json"))
@@ -462,7 +457,8 @@ def main():
     tok_dir = out / f"tokenizer-s{a.seed}-v{a.vocab}"
     if not (tok_dir / "tokenizer.json").is_file():
         tok_dir.mkdir(exist_ok=True)
-        train_tokenizer([t for _, t in train_docs], tok_dir, a.vocab)
+        from meki_gguf.tokenizer import train_bpe_dir
+        train_bpe_dir([t for _, t in train_docs], tok_dir, a.vocab)
     tok = tokenizer(tok_dir)
     tr_ids, he_ids = encode(tok, [t for _, t in train_docs]), encode(tok, [t for _, t in held_docs])
     qa_ids = encode(tok, [chat_turn(q, ans) for _, q, ans, _ in train_qa]) if a.qa else np.zeros(0, np.uint16)

@@ -26,12 +26,12 @@ def split_inputs(log: str) -> list[list[tuple[str, str, int]]]:
     return graphs
 
 
-
 def vk_perf_blocks(log: str) -> list[list[tuple[str, int]]]:
     """ggml-vulkan's perf logger (GGML_VK_PERF_LOGGER=1): per "Vulkan Timings:" block (one a graph,
     or a few), its dispatches as (name, count); fused ops under their fused names (MUL_MAT_ADD ...)."""
     return [[(name, int(n)) for name, n in re.findall(r"^(.+?): (\d+) x ", blk, re.M)]
             for blk in log.split("Vulkan Timings:")[1:]]
+
 
 # The ops the MeKi graph runs on the device (GGML_SCHED_DEBUG=2 lists them), as test-backend-ops
 # -o/-p filters: every case of the cheap ops; ROPE in MeKi's (Qwen3's) NEOX mode; SET_ROWS (the KV
